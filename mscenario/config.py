@@ -1,0 +1,226 @@
+"""Configs as code: `configs/*.py` define `get_config() -> ConfigDict`; the CLI applies
+`--config.a.b=value` overrides on top, typed by the existing field.
+
+`base_config()` lists every key the trainer reads, with defaults, so a config file only says
+what differs and a typo in an override is an error instead of a silently ignored key.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import ConfigDict
+
+from mscenario.errors import ConfigError
+
+
+def default_data_dir() -> str:
+  """Where `mscenario data get` puts data sets (overridable with $MSCENARIO_DATA)."""
+  if os.environ.get("MSCENARIO_DATA"):
+    return os.environ["MSCENARIO_DATA"]
+  import platformdirs
+  return platformdirs.user_data_dir("mscenario")
+
+
+def default_cache_dir() -> str:
+  """Prepared-data cache (fingerprint keyed); overridable with $MSCENARIO_CACHE."""
+  if os.environ.get("MSCENARIO_CACHE"):
+    return os.environ["MSCENARIO_CACHE"]
+  import platformdirs
+  return platformdirs.user_cache_dir("mscenario")
+
+
+def base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 2022
+
+  # ---- data ---------------------------------------------------------------------------
+  c.data = ConfigDict()
+  c.data.source = "movielens"      # movielens | recbole | table | synthetic
+  c.data.name = "ml-1m"            # ml-1m | ml-100k for movielens; atomic file stem for recbole
+  c.data.root = ""                 # dir holding the files; "" = <default_data_dir()>/<name>
+  c.data.layout = "auto"           # movielens: auto | grouplens | recbole
+  c.data.cache_dir = ""            # "" = default_cache_dir()
+  c.data.on_error = "raise"        # raise | skip (skipped rows are counted and reported)
+  # Table source (CSV/Parquet): file path(s) and a mapping canonical name -> column name.
+  c.data.table = ConfigDict()
+  c.data.table.train = ""          # path; or the single file to split
+  c.data.table.valid = ""          # optional pre-split files
+  c.data.table.test = ""
+  c.data.table.columns = ConfigDict()  # e.g. {'user_id': 'uid', 'label': 'click'}
+  c.data.table.delimiter = ","
+  # Features: name -> spec. kind in sparse | dense | multi | text.
+  #   sparse: column, min_count (rarer values -> OOV), hash_buckets (0 = vocabulary)
+  #   dense:  column, default (for missing), normalize (standard | minmax | none)
+  #   multi:  column, min_count, max_len
+  #   text:   column (kept raw for the language-model features)
+  c.data.features = ConfigDict()
+  c.data.scenario = ConfigDict()
+  c.data.scenario.field = "age_bucket"
+  c.data.scenario.groups = ConfigDict()   # scenario name -> list of raw values (as strings)
+  c.data.scenario.descriptions = ConfigDict()  # scenario name -> text (language-model features)
+  c.data.label = ConfigDict()
+  c.data.label.field = "rating"
+  c.data.label.rule = "> 3"        # '> t', '>= t', '< t', '<= t', '== v', 'binary' (already 0/1)
+  c.data.user_field = "user_id"    # groups for gAUC
+  c.data.item_field = "item_id"
+  c.data.time_field = "timestamp"
+  c.data.split = ConfigDict()
+  c.data.split.kind = "random"     # random | temporal | leave_last_out
+  c.data.split.ratios = (0.8, 0.1, 0.1)
+  c.data.split.seed = -1           # -1 = use c.seed
+  c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
+  # Synthetic generator (data.source='synthetic').
+  c.data.synthetic = ConfigDict()
+  c.data.synthetic.num_rows = 200_000
+  c.data.synthetic.num_users = 5_000
+  c.data.synthetic.num_items = 2_000
+  c.data.synthetic.num_scenarios = 3
+  c.data.synthetic.latent_dim = 8
+  c.data.synthetic.num_topics = 12
+  c.data.synthetic.seed = 0
+
+  # ---- model --------------------------------------------------------------------------
+  c.model = ConfigDict()
+  c.model.name = "star"
+  c.model.embed_dim = 16
+  c.model.hidden = (256, 128)      # main MLP / tower widths
+  c.model.dropout = 0.0
+  c.model.activation = "relu"
+  c.model.num_experts = 4          # mmoe / ple
+  c.model.expert_hidden = (256,)
+  c.model.tower_hidden = (64,)
+  c.model.ple_layers = 1
+  c.model.shared_experts = 2       # ple
+  c.model.specific_experts = 1     # ple
+  c.model.aux_hidden = (64,)       # star auxiliary network
+  c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
+
+  # ---- training -----------------------------------------------------------------------
+  c.train = ConfigDict()
+  c.train.epochs = 5
+  c.train.batch_size = 4096
+  c.train.eval_batch_size = 16384
+  c.train.optimizer = "adamw"      # adamw | adam | sgd
+  c.train.learning_rate = 1e-3
+  c.train.weight_decay = 0.0
+  c.train.embed_optimizer = "same"  # same | adagrad | adam | sgd
+  c.train.embed_learning_rate = 1e-3
+  c.train.embed_weight_decay = 0.0
+  c.train.grad_clip_norm = 0.0     # 0 = off
+  c.train.warmup_steps = 0
+  c.train.drop_last = True         # fixed-shape batches; see README for the last partial batch
+  c.train.patience = 2             # early stopping on validation AUC (epochs); 0 = off
+  c.train.eval_every_epochs = 1
+  c.train.checkpoint_every_steps = 0  # 0 = end of each epoch only
+  c.train.keep_checkpoints = 2
+  c.train.log_every_steps = 50
+  c.train.threshold = 0.5          # for accuracy / precision / recall / F1
+  c.train.prefetch = 2
+  c.train.stop_after_steps = -1    # testing hook: stop (as if killed) after this global step
+
+  # ---- parallelism ----------------------------------------------------------------------
+  c.mesh = ConfigDict()
+  c.mesh.data = -1                 # -1 = all devices not used by `model`
+  c.mesh.model = 1
+  c.distributed = ConfigDict()
+  c.distributed.coordinator = ""   # host:port; "" = auto-detect (TPU VM / SLURM) or single process
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
+  # ---- language-model text features (see mscenario/text) --------------------------------
+  c.text = ConfigDict()
+  c.text.enabled = False
+  c.text.model_path = ""
+  return c
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """Load `configs/NAME.py` and apply `--config.a.b=value` (or `a.b=value`) overrides."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_mscenario_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a broken config file is the user's to fix: say where.
+    raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  config = module.get_config()
+  apply_overrides(config, overrides)
+  return config
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"--config.{key}={text}: expected true or false")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise ConfigError(f"--config.{key}={text}: expected a value like {current!r}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (int, float)):
+    value = (value,)
+  if current is not None and not isinstance(value, type(current)) and not isinstance(
+      current, (ConfigDict, dict)):
+    raise ConfigError(
+        f"--config.{key}={text}: expected {type(current).__name__} like {current!r}")
+  return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+  for item in overrides:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in text:
+      raise ConfigError(f"override {item!r}: expected --config.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.split(".")
+    node = config
+    for p in parts[:-1]:
+      if p not in node:
+        raise ConfigError(f"--config.{key}: unknown key '{p}'")
+      node = node[p]
+    leaf = parts[-1]
+    if leaf not in node:
+      # Mapping-like sections (feature specs, scenario groups, column maps) accept new keys.
+      if isinstance(node, ConfigDict) and parts[-2:-1] and parts[-2] in (
+          "columns", "groups", "descriptions"):
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+          node[leaf] = ast.literal_eval(raw) if raw[:1] in "[(" else raw
+        continue
+      raise ConfigError(f"--config.{key}: unknown key '{leaf}' (known: {sorted(node.keys())})")
+    node[leaf] = _parse_value(raw, node[leaf], key)
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def to_json(config: ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ConfigDict:
+  return ConfigDict(json.loads(text))
