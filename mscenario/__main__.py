@@ -1,0 +1,5 @@
+import sys
+
+from mscenario.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""`mscenario train|eval|predict|data …` — the command line.
+
+User mistakes (bad config, bad input rows, missing data) end with one clear paragraph and exit
+status 2, never a traceback; bugs still show theirs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mscenario.errors import MscenarioError
+
+
+def _split_overrides(argv):
+  rest, overrides = [], []
+  for a in argv:
+    (overrides if a.startswith("--config.") else rest).append(a)
+  return rest, overrides
+
+
+def _load_config(args, overrides):
+  from mscenario import config as config_lib
+  if args.config:
+    return config_lib.load_config(args.config, overrides)
+  path = os.path.join(args.workdir, "config.json")
+  if not os.path.exists(path):
+    raise MscenarioError(f"no --config given and {path} does not exist: pass --config "
+                         "configs/NAME.py (or a work dir of a previous run)")
+  with open(path) as f:
+    cfg = config_lib.from_json(f.read())
+  return config_lib.apply_overrides(cfg, overrides)
+
+
+def cmd_train(args, overrides):
+  from mscenario.train.loop import train
+  config = _load_config(args, overrides)
+  train(config, args.workdir)
+
+
+def cmd_eval(args, overrides):
+  from mscenario.train.evaluate import evaluate_workdir
+  config = _load_config(args, overrides)
+  evaluate_workdir(config, args.workdir, args.split)
+
+
+def cmd_predict(args, overrides):
+  from mscenario.train.evaluate import predict_file
+  config = _load_config(args, overrides)
+  predict_file(config, args.workdir, args.input, args.output)
+
+
+def cmd_data_get(args, overrides):
+  from mscenario.data import download
+  path = download.get_dataset(args.name, args.dest)
+  print(path)
+
+
+def cmd_data_info(args, overrides):
+  from mscenario.data.prepare import prepare
+  config = _load_config(args, overrides)
+  data = prepare(config)
+  print(json.dumps({"path": data.path, **data.meta}, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="mscenario",
+      description="Multi-scenario interest prediction with JAX/Flax. Any --config.KEY=VALUE "
+                  "argument overrides the config (e.g. --config.train.epochs=3).")
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train (or resume) a model in a work dir")
+  t.add_argument("--config", help="configs/NAME.py (omit to resume a work dir's config)")
+  t.add_argument("--workdir", required=True)
+  t.set_defaults(func=cmd_train)
+
+  e = sub.add_parser("eval", help="evaluate a work dir's best checkpoint")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--config", help=argparse.SUPPRESS)
+  e.add_argument("--split", default="test", choices=("train", "valid", "test"))
+  e.set_defaults(func=cmd_eval)
+
+  pr = sub.add_parser("predict", help="score rows of a CSV/Parquet file")
+  pr.add_argument("--workdir", required=True)
+  pr.add_argument("--config", help=argparse.SUPPRESS)
+  pr.add_argument("--input", required=True, help="CSV or Parquet with the raw feature columns")
+  pr.add_argument("--output", required=True, help="CSV to write (row, scenario, probability)")
+  pr.set_defaults(func=cmd_predict)
+
+  d = sub.add_parser("data", help="get or inspect data sets")
+  dsub = d.add_subparsers(dest="data_command", required=True)
+  g = dsub.add_parser("get", help="download a data set (movielens-100k | movielens-1m)")
+  g.add_argument("name", choices=("movielens-100k", "movielens-1m"))
+  g.add_argument("--dest", default=None, help="directory (default: the user data dir)")
+  g.set_defaults(func=cmd_data_get)
+  i = dsub.add_parser("prepare", help="prepare (or find) the cached dataset and print its summary")
+  i.add_argument("--config", required=True)
+  i.add_argument("--workdir", default=".")
+  i.set_defaults(func=cmd_data_info)
+  return p
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  rest, overrides = _split_overrides(argv)
+  args = build_parser().parse_args(rest)
+  try:
+    args.func(args, overrides)
+  except MscenarioError as e:
+    print(f"mscenario: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("mscenario: interrupted; the work dir keeps the last checkpoint (run the same "
+          "command to resume)", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

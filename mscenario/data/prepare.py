@@ -1,0 +1,272 @@
+"""Raw files -> prepared dataset, once: split, fit the transform, write memory-mapped columns.
+
+The cache directory is keyed by a fingerprint of the source files' contents and the data config,
+so a second run (or a second process of a multi-host job) reuses it, and any change to the data
+or to the feature config builds a new one. Columns are plain `.npy` files opened with
+`mmap_mode='r'`: a batch is a fancy-index gather, millions of rows/s on one core, which keeps
+the input pipeline far ahead of the train step (see BENCHMARKS.md for the array_record
+comparison).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from mscenario.data.table import RawTable
+from mscenario.data.transform import Transform, as_str_column
+from mscenario.errors import ConfigError, DataError
+
+PREP_VERSION = 1
+SPLITS = ("train", "valid", "test")
+ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth")
+
+
+@dataclasses.dataclass
+class PreparedData:
+  path: str
+  arrays: dict[str, np.ndarray]
+  splits: dict[str, np.ndarray]
+  transform: Transform
+  meta: dict
+
+  @property
+  def schema(self):
+    return self.transform.schema
+
+  @property
+  def fingerprint(self) -> str:
+    return self.meta["fingerprint"]
+
+  def split_arrays(self, split: str) -> dict[str, np.ndarray]:
+    idx = self.splits[split]
+    return {k: v[idx] for k, v in self.arrays.items()}
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def source_files(data_cfg) -> list[str]:
+  """Files a source reads, for the fingerprint (the synthetic source has none)."""
+  if data_cfg.source == "synthetic":
+    return []
+  if data_cfg.source == "table":
+    return [p for p in (data_cfg.table.train, data_cfg.table.valid, data_cfg.table.test) if p]
+  root = resolve_root(data_cfg)
+  if not os.path.isdir(root):
+    raise DataError(f"data directory {root} does not exist. Get the data with "
+                    f"`mscenario data get movielens-{data_cfg.name.removeprefix('ml-')}` or "
+                    "point --config.data.root at the directory holding the files")
+  return sorted(os.path.join(root, f) for f in os.listdir(root)
+                if os.path.isfile(os.path.join(root, f)) and not f.startswith("."))
+
+
+def resolve_root(data_cfg) -> str:
+  from mscenario.config import default_data_dir
+  return data_cfg.root or os.path.join(default_data_dir(), data_cfg.name)
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.blake2b(digest_size=16)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 23), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def fingerprint(data_cfg) -> str:
+  """Content of the source files + every data setting that changes the prepared arrays."""
+  cfg = data_cfg.to_dict()
+  for k in ("root", "cache_dir"):
+    cfg.pop(k, None)
+  cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)
+  cfg.get("table", {}).pop("test", None)
+  h = hashlib.blake2b(digest_size=16)
+  h.update(json.dumps({"version": PREP_VERSION, "config": cfg}, sort_keys=True,
+                      default=str).encode())
+  for path in source_files(data_cfg):
+    h.update(os.path.basename(path).encode())
+    h.update(_file_digest(path).encode())
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- splits
+def split_rows(table: RawTable, data_cfg, seed: int) -> dict[str, np.ndarray]:
+  n = table.num_rows
+  if "__split__" in table.columns:  # the source came pre-split (separate files)
+    col = as_str_column(table.columns["__split__"])
+    return {s: np.flatnonzero(col == s) for s in SPLITS}
+  kind = data_cfg.split.kind
+  ratios = np.asarray(data_cfg.split.ratios, np.float64)
+  if len(ratios) != 3 or (ratios < 0).any() or abs(ratios.sum() - 1) > 1e-6:
+    raise ConfigError(f"data.split.ratios={tuple(ratios)}: expected three fractions summing "
+                      "to 1 (train, valid, test)")
+  cuts = (np.cumsum(ratios)[:2] * n).astype(np.int64)
+  if kind == "random":
+    order = np.random.default_rng(seed).permutation(n)
+  elif kind == "temporal":
+    order = np.argsort(_time_column(table, data_cfg), kind="stable")
+  elif kind == "leave_last_out":
+    return _leave_last_out(table, data_cfg)
+  else:
+    raise ConfigError(f"data.split.kind={kind!r}: expected random, temporal or "
+                      "leave_last_out")
+  parts = np.split(order, cuts)
+  return {s: np.sort(p) for s, p in zip(SPLITS, parts)}
+
+
+def _time_column(table: RawTable, data_cfg) -> np.ndarray:
+  field = data_cfg.time_field
+  if field not in table.columns:
+    raise DataError(f"split kind '{data_cfg.split.kind}' needs the time field '{field}', "
+                    "which the data does not have", file=table.files[0], field=field)
+  t = np.asarray(table.columns[field], np.float64)
+  if np.isnan(t).any():
+    i = int(np.flatnonzero(np.isnan(t))[0])
+    f, line = table.where(i)
+    raise DataError("missing timestamp", file=f, line=line, field=field, expected="a number")
+  return t
+
+
+def _leave_last_out(table: RawTable, data_cfg) -> dict[str, np.ndarray]:
+  """Per user: the latest row -> test, the one before -> valid, the rest -> train."""
+  t = _time_column(table, data_cfg)
+  users = np.unique(as_str_column(table.columns[data_cfg.user_field]), return_inverse=True)[1]
+  order = np.lexsort((np.arange(len(t)), t, users))
+  u_sorted = users[order]
+  last = np.r_[u_sorted[1:] != u_sorted[:-1], True]
+  second = np.r_[last[1:], False] & ~last
+  # Users with fewer than three rows keep them all in train.
+  counts = np.bincount(u_sorted)
+  enough = counts[u_sorted] >= 3
+  test = order[last & enough]
+  valid = order[second & enough]
+  train = order[~((last | second) & enough)]
+  return {"train": np.sort(train), "valid": np.sort(valid), "test": np.sort(test)}
+
+
+# ---------------------------------------------------------------------------- build / load
+def scenario_names(table: RawTable, data_cfg) -> list[str]:
+  groups = data_cfg.scenario.groups
+  if groups:
+    return list(groups.keys())
+  field = data_cfg.scenario.field
+  if field not in table.columns:
+    raise DataError(f"scenario field '{field}' is not a column of the data (columns: "
+                    f"{sorted(table.columns)})", file=table.files[0], field=field)
+  values = np.unique(as_str_column(table.columns[field]))
+  return [v for v in values.tolist() if v != "\x00missing"]
+
+
+def prepare(config, *, log=print, force: bool = False) -> PreparedData:
+  """Load the prepared dataset for `config.data`, building and caching it if needed."""
+  from mscenario.config import default_cache_dir
+  data_cfg = config.data
+  fp = fingerprint(data_cfg)
+  cache_root = data_cfg.cache_dir or default_cache_dir()
+  path = os.path.join(cache_root, "prepared", f"{data_cfg.name}-{fp}")
+  if os.path.isfile(os.path.join(path, "meta.json")) and not force:
+    data = load_prepared(path)
+    log(f"data: reusing prepared {data_cfg.name} at {path} "
+        f"({data.meta['num_rows']:,} rows)")
+    return data
+  t0 = time.time()
+  from mscenario.data.sources import load_source
+  log(f"data: preparing {data_cfg.name} from {data_cfg.source} source …")
+  table = load_source(data_cfg)
+  table.validate()
+  if table.num_rows == 0:
+    raise DataError("the data has no rows", file=table.files[0] if table.files else None)
+  seed = data_cfg.split.seed if data_cfg.split.seed >= 0 else config.seed
+  splits = split_rows(table, data_cfg, seed)
+  names = scenario_names(table, data_cfg)
+  fit_rows = splits["train"] if data_cfg.fit_on == "train" else np.arange(table.num_rows)
+  if data_cfg.fit_on not in ("train", "all"):
+    raise ConfigError(f"data.fit_on={data_cfg.fit_on!r}: expected train or all")
+  transform = Transform.fit(table, data_cfg, fit_rows, names)
+  arrays, keep, skipped = transform.apply(table, on_error=data_cfg.on_error)
+  new_index = np.cumsum(keep) - 1
+  splits = {s: new_index[idx[keep[idx]]] for s, idx in splits.items()}
+  for s in SPLITS:
+    if len(splits[s]) == 0:
+      raise DataError(f"split '{s}' is empty after preparation (split kind "
+                      f"'{data_cfg.split.kind}', ratios {tuple(data_cfg.split.ratios)}, "
+                      f"{int(keep.sum())} rows)")
+  merged = dict(table.skipped)
+  for k, v in skipped.items():
+    merged[k] = merged.get(k, 0) + v
+  skipped = merged
+  meta = _summary(arrays, splits, transform, skipped, fp, data_cfg, table)
+  texts = _item_texts(table, keep, arrays["item"], data_cfg)
+  _write(path, arrays, splits, transform, meta, texts)
+  log(f"data: prepared {meta['num_rows']:,} rows in {time.time() - t0:.1f}s -> {path}")
+  if skipped:
+    log(f"data: skipped rows (data.on_error='skip'): {skipped}")
+  return load_prepared(path)
+
+
+def _summary(arrays, splits, transform, skipped, fp, data_cfg, table) -> dict:
+  names = transform.schema.scenario_names
+  per = {}
+  for s, idx in splits.items():
+    sc, lb = arrays["scenario"][idx], arrays["label"][idx]
+    per[s] = {"rows": int(len(idx)), "positive_rate": float(lb.mean()) if len(idx) else 0.0,
+              "scenarios": {n: {"rows": int((sc == i).sum()),
+                                "positive_rate": float(lb[sc == i].mean())
+                                if (sc == i).any() else 0.0}
+                            for i, n in enumerate(names)}}
+  return {"fingerprint": fp, "prep_version": PREP_VERSION, "name": data_cfg.name,
+          "source": data_cfg.source, "files": table.files,
+          "num_rows": int(len(arrays["label"])), "skipped": skipped, "splits": per,
+          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _item_texts(table, keep, item_ids, data_cfg) -> dict[str, dict[str, str]]:
+  """First text seen per item id for each text feature (input to the language model)."""
+  out = {}
+  for name, spec in data_cfg.features.items():
+    if spec.get("kind") != "text" or spec.get("column", name) not in table.columns:
+      continue
+    col = table.columns[spec.get("column", name)][keep]
+    _, first = np.unique(item_ids, return_index=True)
+    out[name] = {str(int(item_ids[i])): ("" if col[i] is None else str(col[i])) for i in first}
+  return out
+
+
+def _write(path, arrays, splits, transform, meta, texts) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+  for k, v in arrays.items():
+    np.save(os.path.join(tmp, f"{k}.npy"), np.ascontiguousarray(v))
+  for k, v in splits.items():
+    np.save(os.path.join(tmp, f"split_{k}.npy"), v.astype(np.int64))
+  with open(os.path.join(tmp, "transform.json"), "w") as f:
+    json.dump(transform.state, f)
+  with open(os.path.join(tmp, "texts.json"), "w") as f:
+    json.dump(texts, f)
+  with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks completeness
+    json.dump(meta, f, indent=2)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  try:
+    os.rename(tmp, path)
+  except OSError:  # another process won the race; theirs is identical
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_prepared(path: str) -> PreparedData:
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  with open(os.path.join(path, "transform.json")) as f:
+    transform = Transform(json.load(f))
+  arrays = {}
+  for k in ARRAY_NAMES:
+    p = os.path.join(path, f"{k}.npy")
+    if os.path.exists(p):
+      arrays[k] = np.load(p, mmap_mode="r")
+  splits = {s: np.load(os.path.join(path, f"split_{s}.npy")) for s in SPLITS}
+  return PreparedData(path, arrays, splits, transform, meta)

@@ -1,0 +1,40 @@
+"""Data sources: each reads one kind of raw input into a RawTable (joined, typed, with the
+file and line every row came from). `load_source(c.data)` picks the reader.
+"""
+from __future__ import annotations
+
+import os
+
+from mscenario.data.table import RawTable
+from mscenario.errors import ConfigError
+
+SOURCES = ("movielens", "recbole", "table", "synthetic")
+
+
+def resolve_root(data_cfg) -> str:
+  """`data.root`, or `<default_data_dir()>/<name>` when it is empty (where `data get` puts it)."""
+  root = data_cfg.get("root", "") or ""
+  if root:
+    return os.path.expanduser(root)
+  from mscenario.config import default_data_dir
+  return os.path.join(default_data_dir(), data_cfg.name)
+
+
+def load_source(data_cfg) -> RawTable:
+  """RawTable for `data_cfg` (the `c.data` section), dispatching on `data_cfg.source`."""
+  source = data_cfg.source
+  on_error = data_cfg.get("on_error", "raise")
+  if source == "movielens":
+    from mscenario.data.sources.movielens import load_movielens
+    return load_movielens(resolve_root(data_cfg), data_cfg.name,
+                          layout=data_cfg.get("layout", "auto"), on_error=on_error)
+  if source == "recbole":
+    from mscenario.data.sources.recbole import load_recbole
+    return load_recbole(resolve_root(data_cfg), data_cfg.name, on_error=on_error)
+  if source == "table":
+    from mscenario.data.sources.tabular import load_table
+    return load_table(data_cfg)
+  if source == "synthetic":
+    from mscenario.data import synthetic  # owned by the synthetic-data module
+    return synthetic.load_raw(data_cfg)
+  raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")

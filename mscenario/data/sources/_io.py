@@ -1,0 +1,319 @@
+"""Delimited-text reading shared by every source: pyarrow speed, but bad input still names
+the file, the 1-based line (as an editor shows it) and the field.
+
+Files are parsed with every column as a string; numbers are cast afterwards, so that a bad
+value is found per field (with its line) instead of failing the whole parse.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from mscenario.errors import DataError
+
+# Text a numeric field may hold to mean "missing" (NaN), besides the empty string.
+NUMERIC_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+_SEP = "\x1f"  # stands in for multi-character delimiters such as MovieLens' '::'
+
+
+class Policy:
+  """`data.on_error`: raise a DataError at the first bad row, or drop and count bad rows."""
+
+  def __init__(self, on_error: str = "raise", skipped: dict[str, int] | None = None):
+    if on_error not in ("raise", "skip"):
+      raise DataError(f"data.on_error={on_error!r}", expected="'raise' or 'skip'")
+    self.on_error = on_error
+    self.skipped = {} if skipped is None else skipped
+
+  def bad(self, reason: str, count: int, *, message: str, file: str, line: int,
+          field: str | None = None, expected: str | None = None) -> None:
+    """Report `count` bad rows; the first one is at `line`."""
+    if count <= 0:
+      return
+    if self.on_error == "raise":
+      raise DataError(message, file=file, line=line, field=field, expected=expected)
+    self.skipped[reason] = self.skipped.get(reason, 0) + int(count)
+
+
+@dataclasses.dataclass
+class Frame:
+  """One parsed file: string / float64 pyarrow columns and the 1-based line of each row.
+
+  `kinds` says how a column becomes numpy: 'str', 'float', 'seq' (space-separated tokens ->
+  tuple of str), 'floatseq' (-> tuple of float), or 'list' (an arrow list -> tuple).
+  """
+
+  table: pa.Table
+  lines: np.ndarray
+  path: str
+  kinds: dict[str, str]
+  seps: dict[str, str] = dataclasses.field(default_factory=dict)
+  header: list[str] = dataclasses.field(default_factory=list)  # as written in the file
+
+  @property
+  def num_rows(self) -> int:
+    return self.table.num_rows
+
+  def filter(self, keep: np.ndarray) -> "Frame":
+    if keep.all():
+      return self
+    return dataclasses.replace(self, table=self.table.filter(pa.array(keep)),
+                               lines=self.lines[keep])
+
+  def column(self, name: str) -> pa.ChunkedArray:
+    return self.table.column(name)
+
+  def set_column(self, name: str, values, kind: str) -> None:
+    values = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+    if name in self.table.column_names:
+      i = self.table.column_names.index(name)
+      self.table = self.table.set_column(i, name, values)
+    else:
+      self.table = self.table.append_column(name, values)
+    self.kinds[name] = kind
+
+
+def _nonblank_lines(raw: bytes) -> np.ndarray:
+  """1-based numbers of the non-empty lines: pyarrow skips empty lines, editors count them."""
+  buf = np.frombuffer(raw, dtype=np.uint8)
+  ends = np.flatnonzero(buf == 10)
+  if len(buf) and buf[-1] != 10:
+    ends = np.append(ends, len(buf))
+  starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+  lengths = ends - starts
+  cr = np.zeros(len(ends), dtype=bool)
+  has = lengths > 0
+  cr[has] = buf[ends[has] - 1] == 13
+  lengths = lengths - cr
+  return (np.flatnonzero(lengths > 0) + 1).astype(np.int64)
+
+
+def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",") -> tuple[bytes, str]:
+  """File content as UTF-8 bytes, with a multi-character delimiter replaced by one char."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"cannot read: {e.strerror}", file=path) from None
+  if raw.startswith(b"\xef\xbb\xbf"):
+    raw = raw[3:]
+  if encoding.lower().replace("-", "") not in ("utf8", "ascii"):
+    raw = raw.decode(encoding).encode("utf-8")
+  if len(delimiter) > 1:
+    raw = raw.replace(delimiter.encode("utf-8"), _SEP.encode())
+    delimiter = _SEP
+  return raw, delimiter
+
+
+def _header(raw: bytes, delimiter: str, quoting: bool, path: str) -> list[str]:
+  end = raw.find(b"\n")
+  first = raw[: end if end >= 0 else len(raw)].decode("utf-8", errors="replace").rstrip("\r")
+  if not first.strip():
+    raise DataError("empty header", file=path, line=1, expected="a header line of field names")
+  if quoting:
+    return next(csv.reader([first], delimiter=delimiter))
+  return first.split(delimiter)
+
+
+def _parse(raw: bytes, names: list[str], skip_rows: int, delimiter: str, quoting: bool,
+           threads: bool) -> tuple[pa.Table, list]:
+  invalid = []
+
+  def handler(row):
+    invalid.append(row)
+    return "skip"
+
+  table = pacsv.read_csv(
+      io.BytesIO(raw),
+      read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip_rows,
+                                     use_threads=threads, block_size=1 << 24),
+      parse_options=pacsv.ParseOptions(delimiter=delimiter,
+                                       quote_char='"' if quoting else False,
+                                       ignore_empty_lines=True, invalid_row_handler=handler),
+      convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                           strings_can_be_null=True, null_values=[""],
+                                           quoted_strings_can_be_null=False))
+  return table, invalid
+
+
+def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str] | None = None,
+                   encoding: str = "utf-8", quoting: bool = False, rename=None) -> Frame:
+  """Parse a delimited file (header line unless `names` is given) into string columns.
+
+  `rename` maps header names to column names (e.g. drops RecBole's ':type'). Rows with the
+  wrong number of fields are reported through `policy` with their line.
+  """
+  raw, delim = read_bytes(path, encoding, delimiter)
+  header = names is None
+  written = []
+  if header:
+    written = [n.strip() for n in _header(raw, delim, quoting, path)]
+    names = [rename(n) for n in written] if rename else written
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise DataError(f"duplicate column name '{dup[0]}'", file=path, line=1, field=dup[0])
+  table, invalid = _parse(raw, names, int(header), delim, quoting, threads=True)
+  nonblank = _nonblank_lines(raw)
+  if invalid:  # Multi-threaded parsing does not number rows; redo this file in one thread.
+    table, invalid = _parse(raw, names, int(header), delim, quoting, threads=False)
+    bad = np.array([r.number for r in invalid], dtype=np.int64)
+    first = invalid[0]
+    line = int(nonblank[first.number - 1])
+    missing = names[first.actual_columns] if first.actual_columns < len(names) else None
+    policy.bad(f"{os.path.basename(path)}: wrong number of fields", len(invalid),
+               message=f"found {first.actual_columns} fields", file=path, line=line,
+               field=missing, expected=f"{len(names)} fields separated by {delimiter!r}")
+    keep = np.ones(len(nonblank), dtype=bool)
+    keep[bad - 1] = False
+    lines = nonblank[keep]
+  else:
+    lines = nonblank
+  lines = lines[int(header):]
+  if len(lines) != table.num_rows:  # quoted newlines: rows are not lines any more.
+    lines = np.arange(1 + int(header), table.num_rows + 1 + int(header), dtype=np.int64)
+  return Frame(table, lines, path, {n: "str" for n in names}, header=written)
+
+
+def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
+  """Column `name` as float64 (missing markers -> NaN); unparsable rows go to `policy`."""
+  col = frame.column(name)
+  if pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(
+      col.type):
+    frame.set_column(name, pc.cast(col, pa.float64()), "float")
+    return frame
+  col = pc.utf8_trim_whitespace(col)
+  col = pc.if_else(pc.is_in(col, value_set=pa.array(NUMERIC_MISSING)),
+                   pa.scalar(None, pa.string()), col)
+  try:
+    values = pc.cast(col, pa.float64())
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    values, bad = _parse_floats_slowly(col)
+    first = int(np.flatnonzero(bad)[0])
+    policy.bad(f"{os.path.basename(frame.path)}: non-numeric '{name}'", int(bad.sum()),
+               message=f"cannot read {col[first].as_py()!r} as a number", file=frame.path,
+               line=int(frame.lines[first]), field=name, expected="a number")
+    frame.set_column(name, values, "float")
+    return frame.filter(~bad)
+  frame.set_column(name, values, "float")
+  return frame
+
+
+def _parse_floats_slowly(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+  """Error path only: parse each distinct value in Python to find which rows are bad."""
+  enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+  uniq = enc.dictionary.to_pylist()
+  vals = np.full(len(uniq) + 1, np.nan)
+  ok = np.ones(len(uniq) + 1, dtype=bool)
+  for i, u in enumerate(uniq):
+    try:
+      vals[i] = float(u)
+    except ValueError:
+      ok[i] = False
+  codes = enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False)
+  return pa.array(vals[codes]), ~ok[codes]
+
+
+def split_seq(text, sep: str | None = None) -> tuple:
+  """'a b c' -> ('a', 'b', 'c'); sep None or ' ' splits on runs of whitespace."""
+  if text is None:
+    return ()
+  parts = text.split() if sep in (None, " ") else text.split(sep)
+  return tuple(p.strip() for p in parts if p.strip())
+
+
+def str_numpy(col) -> np.ndarray:
+  """Arrow strings (or numbers) -> object array of str / None, sharing one str per value."""
+  if isinstance(col, pa.ChunkedArray):
+    col = col.combine_chunks()
+  if pa.types.is_dictionary(col.type):
+    col = col.cast(col.type.value_type)
+  if pa.types.is_floating(col.type):
+    col = _float_text(col)
+  elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    col = pc.cast(col, pa.string())
+  enc = pc.dictionary_encode(col)
+  uniq = np.empty(len(enc.dictionary) + 1, dtype=object)
+  uniq[:-1] = enc.dictionary.to_pylist()
+  codes = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
+  return uniq[codes]
+
+
+def _float_text(col: pa.Array) -> pa.Array:
+  """Whole floats print without '.0' (an occupation code 10.0 is the category '10')."""
+  vals = col.to_numpy(zero_copy_only=False)
+  whole = np.isfinite(vals) & (np.floor(vals) == vals)
+  out = np.where(whole, np.char.mod("%d", np.where(whole, vals, 0).astype(np.int64)),
+                 np.char.mod("%r", vals)).astype(object)
+  out[np.isnan(vals)] = None
+  return pa.array(out, type=pa.string())
+
+
+def seq_numpy(col, sep: str | None = None, as_float: bool = False) -> np.ndarray:
+  """Delimited text -> object array of tuples; each distinct value is split once."""
+  if isinstance(col, pa.ChunkedArray):
+    col = col.combine_chunks()
+  enc = pc.dictionary_encode(col)
+  uniq = np.empty(len(enc.dictionary) + 1, dtype=object)
+  for i, text in enumerate(enc.dictionary.to_pylist()):
+    parts = split_seq(text, sep)
+    uniq[i] = tuple(float(p) for p in parts) if as_float else parts
+  uniq[-1] = ()
+  codes = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
+  return uniq[codes]
+
+
+def list_numpy(col) -> np.ndarray:
+  """Arrow list<...> -> object array of tuples of str (empty tuple = missing)."""
+  out = np.empty(len(col), dtype=object)
+  out[:] = [tuple("" if v is None else str(v) for v in x) if x is not None else ()
+            for x in col.to_pylist()]
+  return out
+
+
+def float_numpy(col) -> np.ndarray:
+  """Arrow numbers -> float64 with NaN for missing."""
+  if isinstance(col, pa.ChunkedArray):
+    col = col.combine_chunks()
+  return pc.cast(col, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+
+
+def frame_numpy(frame: Frame) -> dict[str, np.ndarray]:
+  """Every column of `frame` converted to numpy according to its kind."""
+  out = {}
+  for name in frame.table.column_names:
+    kind, col = frame.kinds[name], frame.column(name)
+    if kind == "float":
+      out[name] = float_numpy(col)
+    elif kind in ("seq", "floatseq"):
+      out[name] = seq_numpy(col, frame.seps.get(name), kind == "floatseq")
+    elif kind == "list":
+      out[name] = list_numpy(col)
+    else:
+      out[name] = str_numpy(col)
+  return out
+
+
+def left_join(frame: Frame, side: Frame, key: str, prefix: str) -> None:
+  """Add `side`'s columns to `frame` by matching `key` (hash lookup, no per-row Python).
+
+  Rows whose key is absent from `side` get missing values; a side column whose name is
+  already taken is added as `prefix + name`.
+  """
+  if key not in frame.table.column_names or key not in side.table.column_names:
+    return
+  keys = side.column(key).combine_chunks()
+  index = pc.index_in(frame.column(key), value_set=keys)
+  for name in side.table.column_names:
+    if name == key:
+      continue
+    target = prefix + name if name in frame.table.column_names else name
+    frame.set_column(target, pc.take(side.column(name), index), side.kinds[name])
+    if name in side.seps:
+      frame.seps[target] = side.seps[name]

@@ -1,0 +1,30 @@
+"""Shared-Bottom: one bottom MLP shared by all scenarios, one tower per scenario."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mscenario.models.layers import ScenarioModel, select_scenario
+from mscenario.models.registry import register
+
+
+@register("sharedbottom")
+class SharedBottom(ScenarioModel):
+  """Bottom MLP(`hidden`) shared; tower_s = MLP(`tower_hidden`) -> 1 for scenario s.
+
+  All towers run on every row (towers are small) and each row keeps its own scenario's
+  logit, so a tower's parameters only ever affect its own scenario's predictions.
+  """
+  tower_hidden: Sequence[int] = (64,)
+
+  @nn.compact
+  def __call__(self, batch: dict, train: bool = False) -> jax.Array:
+    x = self.inputs(batch)
+    h = self.mlp(self.hidden, name="bottom")(x, train)
+    s = self.num_scenarios
+    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
+    logits = towers(jnp.broadcast_to(h, (s,) + h.shape), train)[..., 0]  # [S, B]
+    return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)

@@ -1,0 +1,84 @@
+"""Evaluation and prediction from a finished (or running) work dir."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+
+from mscenario.data.prepare import PreparedData
+from mscenario.data.transform import Transform
+from mscenario.errors import MscenarioError
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import checkpoint as ckpt_lib
+from mscenario.train import loop
+
+
+def _restore(setup, workdir: str):
+  ckpts = ckpt_lib.Checkpoints(workdir, setup.config.train.keep_checkpoints)
+  try:
+    restored = ckpts.restore_best(setup.abstract_state) or ckpts.restore_latest(
+        setup.abstract_state)
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise MscenarioError(f"{workdir} holds no checkpoint yet; train first with "
+                         f"`mscenario train --config ... --workdir {workdir}`")
+  return restored[0]
+
+
+def evaluate_workdir(config, workdir: str, split: str = "test") -> dict:
+  from mscenario.metrics import format_table
+  data = loop.load_data(config)
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+  state = _restore(setup, workdir)
+  results = loop.evaluate_split(setup, state.params, state.model_state, split)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    print(format_table(results))
+  return results
+
+
+def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.ndarray:
+  """Score a CSV/Parquet file of raw rows with the work dir's best model.
+
+  The fitted transform saved in the work dir maps raw values to ids (unknown ids -> OOV), so
+  neither the training data nor its cache is needed.
+  """
+  from mscenario.data.sources import load_source
+  tpath = os.path.join(workdir, "transform.json")
+  if not os.path.exists(tpath):
+    raise MscenarioError(f"{tpath} is missing: is {workdir} the work dir of a training run?")
+  with open(tpath) as f:
+    transform = Transform(json.load(f))
+  cfg = config.copy_and_resolve_references()
+  cfg.data.source = "table"
+  cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = input_path, "", ""
+  table = load_source(cfg.data)
+  arrays, keep, skipped = transform.apply(table, on_error=cfg.data.on_error,
+                                          require_label=False)
+  n = len(arrays["label"])
+  if n == 0:
+    raise MscenarioError(f"{input_path}: no rows to score")
+  data = PreparedData(path="", arrays=arrays, splits={"predict": np.arange(n)},
+                      transform=transform, meta={"fingerprint": "", "skipped": skipped})
+  setup = loop.build(cfg, data, mesh_lib.make_mesh(cfg.mesh))
+  state = _restore(setup, workdir)
+  probs = loop.predict(setup, state.params, state.model_state, "predict")
+  names = transform.schema.scenario_names
+  lines = np.asarray(table.row_line)[keep]
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["line", "scenario", "probability"])
+      for line, s, p in zip(lines.tolist(), arrays["scenario"].tolist(), probs.tolist()):
+        w.writerow([line, names[s], f"{p:.6f}"])
+    msg = f"predict: wrote {n:,} probabilities to {output_path}"
+    if skipped:
+      msg += f" (skipped rows: {skipped})"
+    print(msg)
+  return probs

@@ -1,0 +1,448 @@
+"""The training loop: data -> sharded state -> jitted steps -> metrics, checkpoints, report.
+
+Everything that must be identical after a crash lives in the checkpoint (state, PRNG, loop
+position, early-stopping record); everything else (timings, progress bars) is derived.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from tqdm import tqdm
+
+from mscenario import config as config_lib
+from mscenario.data import pipeline
+from mscenario.data.prepare import PreparedData, prepare
+from mscenario.errors import ConfigError, MscenarioError
+from mscenario.parallel import distributed
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import checkpoint as ckpt_lib
+from mscenario.train.optim import make_optimizer
+from mscenario.train.steps import TrainState, make_eval_step, make_train_step
+
+# Keys that may change between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = ("train.epochs", "train.stop_after_steps", "train.patience",
+                     "train.log_every_steps", "train.checkpoint_every_steps", "data.root",
+                     "data.cache_dir", "mesh.data", "mesh.model", "distributed.coordinator",
+                     "distributed.num_processes", "distributed.process_id", "train.prefetch")
+
+
+class TrainingDiverged(MscenarioError):
+  pass
+
+
+def versions() -> dict:
+  import flax
+  import orbax.checkpoint as ocp
+  out = {"python": sys.version.split()[0], "platform": platform.platform(),
+         "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
+         "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+         "orbax-checkpoint": getattr(ocp, "__version__", ""),
+         "backend": jax.default_backend(), "devices": jax.device_count(),
+         "processes": jax.process_count()}
+  try:
+    from importlib.metadata import version
+    out["mscenario"] = version("mscenario")
+  except Exception:  # not installed as a distribution (source checkout)
+    out["mscenario"] = "source"
+  return out
+
+
+def _flatten(d: dict, prefix="") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                and k not in RESUMABLE_CHANGES)
+  if diff:
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+    raise ConfigError(f"the work dir holds a run with a different config ({shown}); use a new "
+                      "--workdir, or the same config to resume")
+
+
+# ---------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class Setup:
+  config: object
+  data: PreparedData
+  mesh: object
+  model: nn.Module
+  tx: optax.GradientTransformation
+  state_shardings: object
+  batch_shardings: dict
+  train_step: object
+  eval_step: object
+  abstract_state: object
+  create_state: object
+
+
+def example_batch(data: PreparedData, size: int) -> dict:
+  idx = np.arange(min(size, len(data.arrays["label"])))
+  batch = {k: np.asarray(v[idx]) for k, v in data.arrays.items() if k in pipeline.DEVICE_KEYS}
+  batch["weight"] = np.ones(len(idx), np.float32)
+  return batch
+
+
+def _path_names(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def opt_state_shardings(opt_state, params, param_shardings, default):
+  """Optimizer-state leaves that mirror a parameter (Adam moments, Adagrad accumulators) get
+  that parameter's sharding; everything else (step counts) is replicated."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree_util.tree_leaves(param_shardings)):
+    by_path[_path_names(path)] = (leaf.shape, sh)
+
+  def pick(path, leaf):
+    names = _path_names(path)
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def build(config, data: PreparedData, mesh) -> Setup:
+  from mscenario.models.registry import build_model
+  model = build_model(config.model, data.schema)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+  batch = example_batch(data, 8)
+
+  def init_variables():
+    return model.init({"params": init_rng, "dropout": dropout_rng}, batch, train=False)
+
+  def create_state():
+    variables = nn.meta.unbox(init_variables())
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params), rng=state_rng)
+
+  abstract_vars = jax.eval_shape(init_variables)
+  tx = make_optimizer(config.train, nn.meta.unbox(abstract_vars)["params"])
+  var_shardings = mesh_lib.logical_to_shardings(nn.get_partition_spec(abstract_vars), mesh)
+  abstract_state = jax.eval_shape(create_state)
+  rep = mesh_lib.replicated(mesh)
+  param_shardings = var_shardings["params"]
+  opt_shardings = opt_state_shardings(abstract_state.opt_state, abstract_state.params,
+                                      param_shardings, rep)
+  state_shardings = TrainState(
+      step=rep, params=param_shardings,
+      model_state={k: jax.tree_util.tree_map(lambda _: rep, v)
+                   for k, v in abstract_state.model_state.items()},
+      opt_state=opt_shardings, rng=rep)
+  bs = mesh_lib.batch_sharding(mesh)
+  batch_shardings = {k: bs for k in pipeline.DEVICE_KEYS if k in data.arrays or k == "weight"}
+  train_step = jax.jit(make_train_step(model, tx),
+                       in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model),
+                      in_shardings=(state_shardings.params, state_shardings.model_state,
+                                    batch_shardings), out_shardings=rep)
+  abstract = ckpt_lib.abstract_like(abstract_state, state_shardings)
+  create = jax.jit(create_state, out_shardings=state_shardings)
+  return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
+               eval_step, abstract, create)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def predict(setup: Setup, params, model_state, split: str, *, desc: str = "") -> np.ndarray:
+  """Probabilities for every row of `split`, in the split's row order."""
+  cfg = setup.config
+  size = _round_batch(cfg.train.eval_batch_size, setup.mesh)
+  it = pipeline.BatchIterator(setup.data, split, size, seed=0, shuffle=False, drop_last=False,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+  out = []
+  batches = pipeline.prefetch(it.epoch(0), lambda b: pipeline.to_global(b, sharding),
+                              cfg.train.prefetch)
+  for batch in tqdm(batches, total=it.num_batches, desc=desc or f"eval {split}", leave=False,
+                    disable=jax.process_index() != 0 or it.num_batches < 4):
+    out.append(np.asarray(setup.eval_step(params, model_state, batch)))
+  probs = np.concatenate(out)[: len(setup.data.splits[split])]
+  return probs
+
+
+def evaluate_split(setup: Setup, params, model_state, split: str,
+                   probs: np.ndarray | None = None) -> dict:
+  """Overall and per-scenario metrics of `split` (probabilities computed unless given)."""
+  from mscenario.metrics import evaluate_by_scenario
+  if probs is None:
+    probs = predict(setup, params, model_state, split)
+  idx = setup.data.splits[split]
+  arrays = setup.data.arrays
+  truth = np.asarray(arrays["truth"][idx]) if "truth" in arrays else None
+  result = evaluate_by_scenario(
+      np.asarray(arrays["label"][idx]), probs, np.asarray(arrays["user"][idx]),
+      np.asarray(arrays["scenario"][idx]), list(setup.data.schema.scenario_names),
+      setup.config.train.threshold, truth=truth)
+  return {"split": split, **result}
+
+
+def _round_batch(size: int, mesh) -> int:
+  """Batch sizes must split evenly over the 'data' axis."""
+  d = mesh.shape["data"]
+  return max(d, (size // d) * d)
+
+
+# ---------------------------------------------------------------------------- logging
+class Logger:
+  """metrics.jsonl + TensorBoard events, written by process 0 only."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not self.active:
+      return
+    if os.path.exists(self.path):  # drop lines past the checkpoint we resume from
+      with open(self.path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # optional at runtime; metrics.jsonl is the record
+      self.tb = None
+
+  def write(self, record: dict) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ---------------------------------------------------------------------------- train
+def write_run_info(config, workdir: str, data: PreparedData) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config_lib.to_json(config))
+  with open(os.path.join(workdir, "versions.json"), "w") as f:
+    json.dump(versions(), f, indent=2)
+  with open(os.path.join(workdir, "transform.json"), "w") as f:  # predict needs no data
+    json.dump(data.transform.state, f)
+  with open(os.path.join(workdir, "data.json"), "w") as f:
+    json.dump({"fingerprint": data.fingerprint, "path": data.path, **data.meta}, f, indent=2)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def load_data(config, log=print) -> PreparedData:
+  """Process 0 prepares (or finds) the cached dataset; the others then load it."""
+  if jax.process_index() == 0:
+    data = prepare(config, log=log)
+  _sync("mscenario-prepare")
+  if jax.process_index() != 0:
+    data = prepare(config, log=lambda *_: None)
+  return data
+
+
+def train(config, workdir: str, *, log=print) -> dict:
+  """Train (or resume) in `workdir`; returns the test results dict (also results.json)."""
+  distributed.maybe_initialize(config.distributed)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  saved_config = os.path.join(workdir, "config.json")
+  if os.path.exists(saved_config):
+    with open(saved_config) as f:
+      check_resumable(json.load(f), config.to_dict())
+  if jax.process_index() != 0:
+    log = lambda *_: None  # noqa: E731
+  data = load_data(config, log)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup = build(config, data, mesh)
+  write_run_info(config, workdir, data)
+  tc = config.train
+  batch_size = _round_batch(tc.batch_size, mesh)
+  if batch_size != tc.batch_size:
+    raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of the mesh's "
+                      f"data axis ({mesh.shape['data']})")
+  train_it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed, shuffle=True,
+                                    drop_last=tc.drop_last, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  ckpts = ckpt_lib.Checkpoints(workdir, tc.keep_checkpoints)
+  restored = ckpts.restore_latest(setup.abstract_state)
+  if restored is None:
+    state = setup.create_state()
+    loop = {"epoch": 0, "batch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
+            "stopped": False, "history": []}
+  else:
+    state, loop = restored
+    log(f"train: resuming from step {int(state.step)} (epoch {loop['epoch']}, batch "
+        f"{loop['batch']}) in {workdir}")
+  logger = Logger(workdir, int(state.step))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  log(f"train: model {config.model.name} ({n_params:,} parameters), "
+      f"{len(data.splits['train']):,} train rows, {train_it.num_batches} steps/epoch, "
+      f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
+  try:
+    state, loop = _run_epochs(setup, state, loop, train_it, ckpts, logger, log)
+  finally:
+    ckpts.wait()
+    logger.close()
+  if tc.stop_after_steps >= 0 and not loop.get("finished"):
+    ckpts.close()
+    return {}
+  results = final_report(setup, ckpts, workdir, log)
+  ckpts.close()
+  return results
+
+
+def _meta(loop: dict, config) -> dict:
+  return {**loop, "config": config.to_dict()}
+
+
+def _run_epochs(setup, state, loop, train_it, ckpts, logger, log):
+  config, tc = setup.config, setup.config.train
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+  step = int(state.step)
+  is_main = jax.process_index() == 0
+  while loop["epoch"] < tc.epochs and not loop["stopped"]:
+    epoch = loop["epoch"]
+    batches = pipeline.prefetch(train_it.epoch(epoch, loop["batch"]),
+                                lambda b: pipeline.to_global(b, sharding), tc.prefetch)
+    bar = tqdm(total=train_it.num_batches, initial=loop["batch"], disable=not is_main,
+               desc=f"epoch {epoch + 1}/{tc.epochs}", dynamic_ncols=True)
+    t_last, n_last, pending = time.perf_counter(), 0, []
+    for batch in batches:
+      state, metrics = setup.train_step(state, batch)
+      step += 1
+      loop["batch"] += 1
+      pending.append(metrics["loss"])
+      n_last += train_it.global_batch_size
+      bar.update(1)
+      last_of_epoch = loop["batch"] == train_it.num_batches
+      if step % tc.log_every_steps == 0 or last_of_epoch:
+        losses = np.asarray(jax.device_get(pending))
+        pending = []
+        _check_finite(losses, step, epoch, ckpts)
+        elapsed = time.perf_counter() - t_last
+        eps = n_last / max(elapsed, 1e-9)
+        t_last, n_last = time.perf_counter(), 0
+        record = {"step": step, "epoch": epoch, "loss": float(losses.mean()),
+                  "grad_norm": float(metrics["grad_norm"]), "examples_per_sec": eps}
+        logger.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{eps:,.0f}")
+      if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 \
+          and not last_of_epoch:
+        _check_finite(np.asarray(jax.device_get(pending)), step, epoch, ckpts)
+        ckpts.save_latest(step, state, _meta(loop, config))
+      if 0 <= tc.stop_after_steps <= step:
+        ckpts.save_latest(step, state, _meta(loop, config))
+        bar.close()
+        return state, loop
+    bar.close()
+    # End of epoch: validate, early stopping, checkpoint.
+    result = evaluate_split(setup, state.params, state.model_state, "valid")
+    auc = result["overall"]["auc"]
+    logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
+                  "valid_logloss": result["overall"]["logloss"]})
+    log(f"epoch {epoch + 1}: valid AUC {auc:.4f}  LogLoss {result['overall']['logloss']:.4f}")
+    loop["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
+    improved = auc > loop["best_auc"]
+    if improved:
+      loop["best_auc"], loop["best_epoch"], loop["bad_epochs"] = auc, epoch, 0
+    else:
+      loop["bad_epochs"] += 1
+      if tc.patience and loop["bad_epochs"] >= tc.patience:
+        loop["stopped"] = True
+        log(f"train: early stopping after epoch {epoch + 1} (best epoch "
+            f"{loop['best_epoch'] + 1}, valid AUC {loop['best_auc']:.4f})")
+    loop["epoch"], loop["batch"] = epoch + 1, 0
+    if improved:
+      ckpts.save_best(step, state, _meta(loop, config))
+    ckpts.save_latest(step, state, _meta(loop, config))
+  loop["finished"] = True
+  return state, loop
+
+
+def _check_finite(losses: np.ndarray, step: int, epoch: int, ckpts) -> None:
+  if losses.size and not np.all(np.isfinite(losses)):
+    last = ckpts.latest_step()
+    kept = (f"the last good checkpoint (step {last}) is kept in the work dir"
+            if last is not None else "no checkpoint had been written yet")
+    raise TrainingDiverged(
+        f"training diverged: the loss became {losses[~np.isfinite(losses)][0]} by step {step} "
+        f"(epoch {epoch + 1}); {kept}. Lower train.learning_rate, enable "
+        "train.grad_clip_norm, or check the input for extreme values.")
+
+
+def final_report(setup, ckpts, workdir: str, log=print) -> dict:
+  """Evaluate the best state on valid and test; write results.json, plots; print the table."""
+  from mscenario.metrics import format_table
+  from mscenario.metrics import classification as cls_metrics
+  restored = ckpts.restore_best(setup.abstract_state)
+  if restored is None:
+    restored = ckpts.restore_latest(setup.abstract_state)
+  state, meta = restored
+  probs = predict(setup, state.params, state.model_state, "test")
+  results = evaluate_split(setup, state.params, state.model_state, "test", probs)
+  results["best_epoch"] = meta.get("best_epoch", -1) + 1
+  results["valid_auc"] = meta.get("best_auc")
+  results["data_fingerprint"] = setup.data.fingerprint
+  skipped = setup.data.meta.get("skipped") or {}
+  results["skipped_rows"] = skipped
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    _plots(setup, probs, workdir, cls_metrics)
+    log(f"\nTest results ({setup.config.model.name}, best epoch {results['best_epoch']}):")
+    log(format_table(results))
+    if skipped:
+      log(f"skipped input rows: {skipped}")
+    log(f"results: {os.path.join(workdir, 'results.json')}")
+  return results
+
+
+def _plots(setup, probs, workdir, cls_metrics) -> None:
+  from mscenario.metrics import plots
+  idx = setup.data.splits["test"]
+  labels = np.asarray(setup.data.arrays["label"][idx])
+  sc = np.asarray(setup.data.arrays["scenario"][idx])
+  curves = {"overall": cls_metrics.roc_curve(labels, probs)[:2]}
+  for i, name in enumerate(setup.data.schema.scenario_names):
+    m = sc == i
+    if m.any():
+      curves[name] = cls_metrics.roc_curve(labels[m], probs[m])[:2]
+  plots.plot_roc(curves, os.path.join(workdir, "roc.png"))
+  plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"),
+                             os.path.join(workdir, "training_curves.png"))
