@@ -51,12 +51,6 @@ def cmd_predict(args, overrides):
   predict_file(config, args.workdir, args.input, args.output)
 
 
-def cmd_data_get(args, overrides):
-  from mscenario.data import download
-  path = download.get_dataset(args.name, args.dest)
-  print(path)
-
-
 def cmd_data_info(args, overrides):
   from mscenario.data.prepare import prepare
   config = _load_config(args, overrides)
@@ -91,10 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("data", help="get or inspect data sets")
   dsub = d.add_subparsers(dest="data_command", required=True)
-  g = dsub.add_parser("get", help="download a data set (movielens-100k | movielens-1m)")
-  g.add_argument("name", choices=("movielens-100k", "movielens-1m"))
-  g.add_argument("--dest", default=None, help="directory (default: the user data dir)")
-  g.set_defaults(func=cmd_data_get)
+  from mscenario.data import download
+  download.add_cli(dsub)
   i = dsub.add_parser("prepare", help="prepare (or find) the cached dataset and print its summary")
   i.add_argument("--config", required=True)
   i.add_argument("--workdir", default=".")
@@ -107,6 +99,8 @@ def main(argv=None) -> int:
   rest, overrides = _split_overrides(argv)
   args = build_parser().parse_args(rest)
   try:
+    if args.func.__module__ == "mscenario.data.download":
+      return args.func(args)
     args.func(args, overrides)
   except MscenarioError as e:
     print(f"mscenario: error: {e}", file=sys.stderr)

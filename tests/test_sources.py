@@ -273,10 +273,10 @@ def test_table_multi_values_and_parquet(tmp_path):
   pq.write_table(pa.table({
       "uid": [1, 2, 3], "item_id": ["a", "b", None], "click": [1, 0, 1],
       "tags": ["x|y", None, "z"], "words": ["p q", "r", ""], "cats": [["k", "l"], [], None],
-      "price": [1.5, None, 3.0]}), path)
+      "price": [1.5, None, 3.0], "code": [10.0, 2.5, None]}), path)
   c = table_cfg(path, features={
       "tags": {"kind": "multi"}, "w": {"kind": "multi", "column": "words", "sep": " "},
-      "cats": {"kind": "multi"}, "price": {"kind": "dense"}})
+      "cats": {"kind": "multi"}, "price": {"kind": "dense"}, "code": {"kind": "sparse"}})
   c.table.columns = {"user_id": "uid"}
   t = load_source(c)
   col = t.columns
@@ -286,6 +286,7 @@ def test_table_multi_values_and_parquet(tmp_path):
   assert list(col["cats"]) == [("k", "l"), (), ()]
   np.testing.assert_array_equal(col["price"], [1.5, np.nan, 3.0])
   np.testing.assert_array_equal(col["click"], [1.0, 0.0, 1.0])
+  assert list(col["code"]) == ["10", "2.5", None]  # a float category code prints as text
   assert list(t.row_line) == [1, 2, 3]
 
 
@@ -308,6 +309,8 @@ def test_table_bad_input(tmp_path):
     load_source(table_cfg(tmp_path / "absent.csv"))
   with pytest.raises(ConfigError, match="data.table.train"):
     load_source(table_cfg(""))
+  with pytest.raises(ConfigError, match="on_error"):
+    load_source(table_cfg(path, on_error="ignore"))
 
 
 def test_table_quoted_csv_and_relative_root(tmp_path):

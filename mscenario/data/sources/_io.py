@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from mscenario.errors import DataError
+from mscenario.errors import ConfigError, DataError
 
 # Text a numeric field may hold to mean "missing" (NaN), besides the empty string.
 NUMERIC_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None")
@@ -28,7 +28,7 @@ class Policy:
 
   def __init__(self, on_error: str = "raise", skipped: dict[str, int] | None = None):
     if on_error not in ("raise", "skip"):
-      raise DataError(f"data.on_error={on_error!r}", expected="'raise' or 'skip'")
+      raise ConfigError(f"data.on_error={on_error!r}: expected 'raise' or 'skip'")
     self.on_error = on_error
     self.skipped = {} if skipped is None else skipped
 
@@ -248,11 +248,10 @@ def str_numpy(col) -> np.ndarray:
 def _float_text(col: pa.Array) -> pa.Array:
   """Whole floats print without '.0' (an occupation code 10.0 is the category '10')."""
   vals = col.to_numpy(zero_copy_only=False)
-  whole = np.isfinite(vals) & (np.floor(vals) == vals)
-  out = np.where(whole, np.char.mod("%d", np.where(whole, vals, 0).astype(np.int64)),
-                 np.char.mod("%r", vals)).astype(object)
-  out[np.isnan(vals)] = None
-  return pa.array(out, type=pa.string())
+  uniq, inverse = np.unique(vals, return_inverse=True)
+  text = np.array([None if u != u else str(int(u)) if u.is_integer() else repr(u)
+                   for u in uniq.tolist()] + [None], dtype=object)
+  return pa.array(text[inverse.reshape(-1)], type=pa.string())
 
 
 def seq_numpy(col, sep: str | None = None, as_float: bool = False) -> np.ndarray:
