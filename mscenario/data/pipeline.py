@@ -58,13 +58,15 @@ class BatchIterator:
       if real < self.global_batch_size:  # eval: pad with copies of row 0, weight 0
         weight[real:] = 0.0
         rows = np.concatenate([rows, np.full(self.global_batch_size - real, order[0])])
-      local = rows[lo: lo + self.local_batch_size]
-      weight = weight[lo: lo + self.local_batch_size]
       if self.shuffle:
         # Sorted gathers are cache friendly; row order inside a training batch does not
         # matter (evaluation keeps the split's order so predictions line up with rows).
-        perm = np.argsort(local, kind="stable")
-        local, weight = local[perm], weight[perm]
+        # Sort the whole global batch before taking this process's slice, so that the
+        # processes' slices concatenate to exactly the single-process batch.
+        perm = np.argsort(rows, kind="stable")
+        rows, weight = rows[perm], weight[perm]
+      local = rows[lo: lo + self.local_batch_size]
+      weight = weight[lo: lo + self.local_batch_size]
       batch = {k: np.asarray(v[local]) for k, v in self.arrays.items()}
       batch["weight"] = weight
       yield batch

@@ -51,8 +51,8 @@ def synthetic(c: ConfigDict) -> ConfigDict:
       "gender": {"kind": "sparse", "column": "gender", "min_count": 1, "hash_buckets": 0},
       "region": {"kind": "sparse", "column": "region", "min_count": 1, "hash_buckets": 0},
       "category": {"kind": "sparse", "column": "category", "min_count": 1, "hash_buckets": 0},
-      "age": {"kind": "dense", "column": "age_bucket", "default": 0.0,
-              "normalize": "standard"},
+      "age_bucket": {"kind": "sparse", "column": "age_bucket", "min_count": 1,
+                     "hash_buckets": 0},
       "item_text": {"kind": "text", "column": "item_text"},
   })
   d.scenario = ConfigDict({"field": "scenario", "groups": {}, "descriptions": {}})
