@@ -62,6 +62,7 @@ def base_config() -> ConfigDict:
   c.data.scenario = ConfigDict()
   c.data.scenario.field = "age_bucket"
   c.data.scenario.groups = ConfigDict()   # scenario name -> list of raw values (as strings)
+  c.data.scenario.order = ()       # scenario names in index order (default: sorted names)
   c.data.scenario.descriptions = ConfigDict()  # scenario name -> text (language-model features)
   c.data.label = ConfigDict()
   c.data.label.field = "rating"

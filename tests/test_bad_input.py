@@ -66,7 +66,7 @@ def test_unknown_scenario_value(tmp_path):
   path = write(tmp_path, rows)
   e = prepare_error(path)
   assert (e.file, e.line, e.field) == (str(path), 13, "scenario")
-  assert "unknown scenario" in str(e) and "'zz'" in str(e)
+  assert "unknown scenario" in str(e) and "got 'zz'" in str(e)  # not np.str_('zz')
   assert str(path) in str(e) and "line 13" in str(e) and "'scenario'" in str(e)
 
 
@@ -84,6 +84,7 @@ def test_label_not_binary_under_binary_rule(tmp_path):
   rows[7] = "u1,i1,a,3,2.0"  # line 9
   e = prepare_error(write(tmp_path, rows))
   assert (e.line, e.field) == (9, "click") and "0/1" in str(e)
+  assert "got 3.0" in str(e)  # a plain number, not np.float64(3.0)
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf"])

@@ -50,7 +50,7 @@ def model_cfg(name, **overrides):
   c.hidden = (16, 8)
   c.expert_hidden = (8,)
   c.tower_hidden = (4,)
-  c.aux_hidden = (4,)
+  c.aux_hidden = (8,)
   c.embed_dim = 4
   c.embed_init_std = 0.5  # visible embeddings, so every part of the model matters at init
   for k, v in overrides.items():
@@ -119,8 +119,10 @@ def test_scenario_id_changes_logits(name):
 
 def _perturb_scenario(params, path, scenario, width=1):
   """Add noise to rows [scenario*width, (scenario+1)*width) of every leaf under path."""
-  def bump(x):
-    return x.at[scenario * width:(scenario + 1) * width].add(0.5)
+  def bump(x):  # random, not constant: a constant shift of a gate is softmax-invariant
+    rows = slice(scenario * width, (scenario + 1) * width)
+    noise = jax.random.normal(jax.random.PRNGKey(7), x[rows].shape)
+    return x.at[rows].add(0.5 * noise)
   sub = params
   for p in path[:-1]:
     sub = sub[p]

@@ -133,13 +133,13 @@ def test_cache_reused_and_keyed_by_settings(shared_data, monkeypatch):
 
   # Another label rule is another dataset: new fingerprint, so a rebuild (which now fails).
   other = ml100k_config(shared_data, "--config.data.label.rule=>= 3")
-  assert prepare_lib.fingerprint(other.data) != first.fingerprint
+  assert prepare_lib.fingerprint(other.data, other.seed) != first.fingerprint
   with pytest.raises(AssertionError, match="rebuilt"):
     prepare_lib.prepare(other, log=QUIET)
   # The data root is not part of the fingerprint (same files, same dataset).
   moved = ml100k_config(shared_data)
   moved.data.root = str(shared_data / "movielens" / "ml-100k") + "/"
-  assert prepare_lib.fingerprint(moved.data) == first.fingerprint
+  assert prepare_lib.fingerprint(moved.data, moved.seed) == first.fingerprint
 
   monkeypatch.setattr(sources, "load_source", real_load_source)
   rebuilt = prepare_lib.prepare(other, log=QUIET)
@@ -313,3 +313,19 @@ def test_multi_default_max_len_is_longest(tmp_path):
   assert data.schema.multi[0].max_len == 4
   assert data.schema.multi[0].vocab_size == 5 + schema_lib.FIRST_ID
   assert np.asarray(data.arrays["multi"])[3, 0].tolist() == [3, 4, 5, 6]
+
+
+def test_split_follows_config_seed_when_split_seed_unset(shared_data):
+  # data.split.seed=-1 (the default) means "use config.seed": the cache must not hand a run
+  # with seed 2 the split that a run with seed 1 prepared earlier.
+  a = prepare_lib.prepare(ml100k_config(shared_data, "--config.seed=1"), log=QUIET)
+  b = prepare_lib.prepare(ml100k_config(shared_data, "--config.seed=2"), log=QUIET)
+  assert a.path != b.path
+  assert not np.array_equal(a.splits["test"], b.splits["test"])
+  table = ml100k_table(shared_data)
+  d = ml100k_config(shared_data).data
+  np.testing.assert_array_equal(b.splits["test"], prepare_lib.split_rows(table, d, 2)["test"])
+  # An explicit split seed wins over config.seed (and then config.seed does not matter).
+  c = prepare_lib.prepare(ml100k_config(shared_data, "--config.seed=1",
+                                        "--config.data.split.seed=2"), log=QUIET)
+  np.testing.assert_array_equal(c.splits["test"], b.splits["test"])

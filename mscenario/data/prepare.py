@@ -78,16 +78,22 @@ def _file_digest(path: str) -> str:
   return h.hexdigest()
 
 
-def fingerprint(data_cfg) -> str:
-  """Content of the source files + every data setting that changes the prepared arrays."""
+def fingerprint(data_cfg, seed: int | None = None) -> str:
+  """Content of the source files + every data setting that changes the prepared arrays.
+
+  `seed` is the resolved split seed (`data.split.seed`, or `config.seed` when that is -1): a
+  random split depends on it, so it must key the cache too.
+  """
   cfg = data_cfg.to_dict()
   for k in ("root", "cache_dir"):
     cfg.pop(k, None)
   cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)
   cfg.get("table", {}).pop("test", None)
   h = hashlib.blake2b(digest_size=16)
-  h.update(json.dumps({"version": PREP_VERSION, "config": cfg}, sort_keys=True,
-                      default=str).encode())
+  key = {"version": PREP_VERSION, "config": cfg}
+  if seed is not None and data_cfg.split.kind == "random":
+    key["split_seed"] = int(seed)
+  h.update(json.dumps(key, sort_keys=True, default=str).encode())
   for path in source_files(data_cfg):
     h.update(os.path.basename(path).encode())
     h.update(_file_digest(path).encode())
@@ -152,7 +158,14 @@ def _leave_last_out(table: RawTable, data_cfg) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- build / load
 def scenario_names(table: RawTable, data_cfg) -> list[str]:
   groups = data_cfg.scenario.groups
+  order = list(data_cfg.scenario.get("order", ()) or ())
   if groups:
+    # ConfigDict iterates keys sorted; `order` keeps a protocol's scenario numbering.
+    if order:
+      if sorted(order) != sorted(groups.keys()):
+        raise ConfigError(f"data.scenario.order={order} must list exactly the scenario groups "
+                          f"{sorted(groups.keys())}")
+      return order
     return list(groups.keys())
   field = data_cfg.scenario.field
   if field not in table.columns:
@@ -166,7 +179,8 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   """Load the prepared dataset for `config.data`, building and caching it if needed."""
   from mscenario.config import default_cache_dir
   data_cfg = config.data
-  fp = fingerprint(data_cfg)
+  seed = data_cfg.split.seed if data_cfg.split.seed >= 0 else config.seed
+  fp = fingerprint(data_cfg, seed)
   cache_root = data_cfg.cache_dir or default_cache_dir()
   path = os.path.join(cache_root, "prepared", f"{data_cfg.name}-{fp}")
   if os.path.isfile(os.path.join(path, "meta.json")) and not force:
@@ -181,7 +195,6 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   table.validate()
   if table.num_rows == 0:
     raise DataError("the data has no rows", file=table.files[0] if table.files else None)
-  seed = data_cfg.split.seed if data_cfg.split.seed >= 0 else config.seed
   splits = split_rows(table, data_cfg, seed)
   names = scenario_names(table, data_cfg)
   fit_rows = splits["train"] if data_cfg.fit_on == "train" else np.arange(table.num_rows)

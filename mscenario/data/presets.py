@@ -33,6 +33,7 @@ def scenario_wise_rec(c: ConfigDict, name: str) -> ConfigDict:
       "title": {"kind": "text", "column": "title"},
   })
   d.scenario = ConfigDict({"field": "age_bucket", "groups": AGE_GROUPS,
+                           "order": ("young", "adult", "senior"),
                            "descriptions": AGE_DESCRIPTIONS})
   d.label = ConfigDict({"field": "rating", "rule": "> 3"})
   d.split.kind = "random"
@@ -55,6 +56,7 @@ def synthetic(c: ConfigDict) -> ConfigDict:
                      "hash_buckets": 0},
       "item_text": {"kind": "text", "column": "item_text"},
   })
-  d.scenario = ConfigDict({"field": "scenario", "groups": {}, "descriptions": {}})
+  d.scenario = ConfigDict({"field": "scenario", "groups": {}, "order": (),
+                           "descriptions": {}})
   d.label = ConfigDict({"field": "label", "rule": "binary"})
   return c

@@ -150,7 +150,7 @@ class Transform:
         else:
           raise ConfigError(f"data.features.{name}.normalize={norm!r}: expected standard, "
                             "minmax or none")
-        has_missing = bool(np.isnan(values).any())
+        has_missing = bool(np.isnan(fit).any())
         dense_state[name] = {"column": column, "shift": shift, "scale": scale,
                              "default": float(spec.get("default", 0.0)),
                              "indicator": has_missing}
@@ -205,7 +205,9 @@ class Transform:
       if on_error != "skip":
         i = int(np.flatnonzero(mask)[0])
         f, line = table.where(i)
-        shown = "" if values is None else f" got {values[i]!r}:"
+        value = None if values is None else values[i]
+        value = value.item() if isinstance(value, np.generic) else value  # not np.str_('x')
+        shown = "" if values is None else f" got {value!r}:"
         raise DataError(f"{reason}:{shown} {int(mask.sum())} row(s) affected", file=f,
                         line=line, field=field, expected=expected)
       skipped[reason] = skipped.get(reason, 0) + int(mask.sum())

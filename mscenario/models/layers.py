@@ -54,6 +54,8 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     act = get_activation(self.activation)
     dt = get_dtype(self.dtype)
+    if x.shape[-1] == 0:  # an empty feature group: one zero column keeps Dense's init valid
+      x = jnp.zeros(x.shape[:-1] + (1,), x.dtype)
     for width in self.hidden:
       x = nn.Dense(width, dtype=dt, param_dtype=jnp.float32)(x)
       if self.batch_norm:

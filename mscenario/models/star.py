@@ -5,7 +5,7 @@
   h  = FCN_s(x'), layer l: W_l ⊙ W_{l,s}, b_l + b_{l,s}   shared ⊙ scenario-specific weights
   logit = h + Aux(concat(C(s), x))                   auxiliary network sees the scenario
 
-Scenario weights start at ones and scenario biases at zeros, so every scenario starts from
+Scenario weights start at ones and scenario biases near zero, so every scenario starts from
 the shared network and learns multiplicative/additive corrections.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mscenario.models.layers import (ScenarioModel, get_activation, get_dtype,
 from mscenario.models.registry import register
 
 SCENARIO_INIT = nn.initializers.normal(stddev=0.05)
+SCENARIO_BIAS_INIT = nn.initializers.normal(stddev=0.01)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -84,7 +85,9 @@ class StarLayer(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.out_dim,), jnp.float32)
     scenario_kernel = self.param("scenario_kernel", nn.initializers.ones,
                                  (s, self.in_dim, self.out_dim), jnp.float32)
-    scenario_bias = self.param("scenario_bias", nn.initializers.zeros, (s, self.out_dim),
+    # Small random scenario biases break the symmetry between scenarios at init (the
+    # benchmark draws them at random too); the kernels start exactly at the shared ones.
+    scenario_bias = self.param("scenario_bias", SCENARIO_BIAS_INIT, (s, self.out_dim),
                                jnp.float32)
     return kernel[None] * scenario_kernel, bias[None] + scenario_bias  # [S, in, out], [S, out]
 

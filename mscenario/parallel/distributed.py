@@ -17,8 +17,17 @@ def _env(name: str, default=None):
 
 
 def maybe_initialize(dist_cfg) -> None:
-  """Initialise jax.distributed when the config/env asks for it or a cluster is detected."""
+  """Initialise jax.distributed when the config/env asks for it or a cluster is detected.
+
+  MSCENARIO_DISTRIBUTED=auto calls `jax.distributed.initialize()` with no arguments (JAX finds
+  the coordinator itself: Cloud TPU VM metadata, SLURM, Open MPI); launch/tpu_vm.sh sets it,
+  because a GCE TPU VM slice sets no environment variable that could be tested here.
+  MSCENARIO_DISTRIBUTED=off never initialises (one process inside a multi-task allocation).
+  """
   if jax.distributed.is_initialized():
+    return
+  mode = str(_env("DISTRIBUTED", "")).strip().lower()
+  if mode in ("off", "0", "false", "no"):
     return
   coordinator = dist_cfg.coordinator or _env("COORDINATOR", "")
   num = int(dist_cfg.num_processes or _env("NUM_PROCESSES", 0) or 0)
@@ -34,6 +43,8 @@ def maybe_initialize(dist_cfg) -> None:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
                                process_id=pid,
                                initialization_timeout=int(_env("INIT_TIMEOUT", 300)))
+  elif mode in ("auto", "1", "true", "yes"):
+    jax.distributed.initialize()
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
   elif os.environ.get("TPU_WORKER_HOSTNAMES") and "," in os.environ["TPU_WORKER_HOSTNAMES"]:

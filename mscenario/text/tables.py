@@ -1,0 +1,330 @@
+"""Text -> frozen embedding tables: one row per item (or user) vocabulary id and per scenario.
+
+Texts come from a template over the raw fields ("{title} ({year}). Genres: {genres}") and
+scenario descriptions from the config. Embeddings are cached on disk keyed by (model
+fingerprint, text hash): re-running `encode`, or changing only a few items, encodes only the
+texts not seen before with that exact model.
+
+Table row i belongs to vocabulary id i, the same ids the 'item' / 'user' batch arrays carry;
+the reserved ids (PAD, OOV) and ids without text get all-zero rows.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import string
+import tempfile
+import time
+import uuid
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mscenario.errors import ConfigError, MscenarioError
+
+# Per data source, the item template used when `text.item_template` is empty.
+DEFAULT_ITEM_TEMPLATES = {"movielens": "{title} ({year}). Genres: {genres}"}
+TEXT_DIR = "text"
+INDEX_FILE = "index.json"
+
+
+# ---------------------------------------------------------------------------- building texts
+def template_fields(template: str) -> list[str]:
+  """Field names a `str.format` template refers to, in order."""
+  return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _as_text(value) -> str:
+  """Raw value -> text: lists joined with ', ', whole floats without '.0', missing -> ''."""
+  if value is None:
+    return ""
+  if isinstance(value, (tuple, list, np.ndarray)):
+    return ", ".join(t for t in (_as_text(v) for v in value) if t)
+  if isinstance(value, (float, np.floating)):
+    if math.isnan(value):
+      return ""
+    return str(int(value)) if float(value).is_integer() else str(value)
+  if isinstance(value, np.generic):
+    value = value.item()
+  return str(value)
+
+
+def format_text(template: str, fields: Mapping[str, object]) -> str:
+  """Fill `template` from `fields`; parts left empty by missing values are tidied away."""
+  text = template.format(**{k: _as_text(fields.get(k)) for k in template_fields(template)})
+  text = re.sub(r"\(\s*\)|\[\s*\]", "", text)  # "Title ()" when the year is missing
+  text = re.sub(r"\s+([.,;:!?])", r"\1", text)
+  return re.sub(r"\s+", " ", text).strip()
+
+
+def build_texts(columns: Mapping[str, Sequence], ids: np.ndarray, num_ids: int,
+                template: str, *, first_id: int = 2) -> list[str | None]:
+  """One text per vocabulary id from the first row that carries it (None: no text).
+
+  `columns` are raw column arrays aligned with `ids` (the vocabulary id of each row); ids below
+  `first_id` are the reserved PAD / OOV ids and stay None.
+  """
+  fields = template_fields(template)
+  missing = [f for f in fields if f not in columns]
+  if missing:
+    raise ConfigError(f"text template {template!r} names fields {missing} that the data does "
+                      f"not have (columns: {sorted(columns)})")
+  ids = np.asarray(ids)
+  uniq, first = np.unique(ids, return_index=True)
+  out: list[str | None] = [None] * num_ids
+  for i, row in zip(uniq.tolist(), first.tolist()):
+    if first_id <= i < num_ids:
+      out[i] = format_text(template, {f: columns[f][row] for f in fields})
+  return out
+
+
+def build_item_texts(columns: Mapping[str, Sequence], item_ids: np.ndarray, num_items: int,
+                     template: str) -> list[str | None]:
+  """Item texts, e.g. "Toy Story (1995). Genres: Animation, Children's, Comedy"."""
+  return build_texts(columns, item_ids, num_items, template)
+
+
+def build_user_texts(columns: Mapping[str, Sequence], user_ids: np.ndarray, num_users: int,
+                     template: str) -> list[str | None]:
+  """User profile texts from profile fields, e.g. "{gender} user, age {age}"."""
+  return build_texts(columns, user_ids, num_users, template)
+
+
+def build_scenario_texts(names: Sequence[str], descriptions: Mapping[str, str],
+                         log=print) -> list[str]:
+  """One description per scenario (in index order); the scenario name when none is given."""
+  out = []
+  for name in names:
+    text = (descriptions or {}).get(name)
+    if not text:
+      log(f"text: scenario '{name}' has no description in data.scenario.descriptions; "
+          "encoding its name instead")
+      text = str(name)
+    out.append(str(text))
+  return out
+
+
+# ---------------------------------------------------------------------------- cache
+def text_key(text: str) -> bytes:
+  return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class EmbeddingCache:
+  """Append-only shards of (text hash, vector) under `<root>/<model fingerprint>/`.
+
+  Each call writes at most one new shard, atomically (temp file + rename), so concurrent
+  writers never corrupt each other; readers take the union of all shards.
+  """
+
+  def __init__(self, root: str, fingerprint: str, dim: int):
+    self.dir = os.path.join(root, fingerprint)
+    self.dim = dim
+    self._index: dict[bytes, tuple[int, int]] = {}
+    self._shards: list[np.ndarray] = []
+    for path in sorted(glob.glob(os.path.join(self.dir, "shard-*.npz"))):
+      try:
+        with np.load(path) as z:
+          keys, vecs = z["keys"], z["vectors"]
+      except (OSError, ValueError, KeyError):
+        continue  # a damaged shard is only a cache miss
+      if vecs.ndim != 2 or vecs.shape[1] != dim:
+        continue
+      s = len(self._shards)
+      self._shards.append(vecs.astype(np.float32, copy=False))
+      for j, k in enumerate(keys):
+        self._index[k.tobytes()] = (s, j)
+
+  def __len__(self):
+    return len(self._index)
+
+  def get(self, key: bytes) -> np.ndarray | None:
+    hit = self._index.get(key)
+    return None if hit is None else self._shards[hit[0]][hit[1]]
+
+  def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
+    if not len(keys):
+      return
+    os.makedirs(self.dir, exist_ok=True)
+    arr = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 16)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.dir)
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, keys=arr, vectors=np.asarray(vectors, np.float32))
+    os.replace(tmp, os.path.join(self.dir, f"shard-{time.time_ns()}-{uuid.uuid4().hex[:8]}.npz"))
+    s = len(self._shards)
+    self._shards.append(np.asarray(vectors, np.float32))
+    for j, k in enumerate(keys):
+      self._index[k] = (s, j)
+
+
+def default_text_cache_dir() -> str:
+  from mscenario.config import default_cache_dir
+  return os.path.join(default_cache_dir(), "text")
+
+
+def encode_table(encoder, texts: Sequence[str | None], cache_dir: str | None = None, *,
+                 batch_size: int = 64, progress: bool = True, log=None) -> np.ndarray:
+  """Embeddings float32 [len(texts), dim]; None entries get zero rows.
+
+  Only texts missing from the cache (for this encoder's fingerprint) are encoded; the new
+  ones are added to it. `cache_dir=None` uses `<mscenario cache>/text`; "" disables caching.
+  """
+  if cache_dir is None:
+    cache_dir = default_text_cache_dir()
+  out = np.zeros((len(texts), encoder.dim), np.float32)
+  rows_of: dict[str, list[int]] = {}
+  for i, t in enumerate(texts):
+    if t is not None:
+      rows_of.setdefault(t, []).append(i)
+  cache = EmbeddingCache(cache_dir, encoder.fingerprint, encoder.dim) if cache_dir else None
+  todo = []
+  for t, rows in rows_of.items():
+    vec = cache.get(text_key(t)) if cache is not None else None
+    if vec is None:
+      todo.append(t)
+    else:
+      out[rows] = vec
+  if todo:
+    vecs = encoder.encode(todo, batch_size=batch_size, progress=progress)
+    for t, v in zip(todo, vecs):
+      out[rows_of[t]] = v
+    if cache is not None:
+      cache.put([text_key(t) for t in todo], vecs)
+  if log:
+    log(f"text: {len(rows_of):,} distinct texts, {len(rows_of) - len(todo):,} from cache, "
+        f"{len(todo):,} encoded")
+  return out
+
+
+# ---------------------------------------------------------------------------- config -> tables
+def _text_cfg(config, key, default):
+  text = config.get("text", None)
+  return default if text is None else text.get(key, default)
+
+
+def item_template(config) -> str:
+  """`text.item_template`, else the source's default, else the text features joined."""
+  t = _text_cfg(config, "item_template", "") or DEFAULT_ITEM_TEMPLATES.get(config.data.source, "")
+  if t:
+    return t
+  cols = [spec.get("column", name) for name, spec in config.data.features.items()
+          if spec.get("kind") == "text"]
+  if not cols:
+    raise ConfigError("no item text: set text.item_template (e.g. '{title}. {genres}') or "
+                      "declare a feature with kind 'text'")
+  return ". ".join("{" + c + "}" for c in cols)
+
+
+def _raw_columns(data, config, fields: Sequence[str], id_field: str, vocab: list[str]):
+  """(columns, ids) for `fields`; from the prepared texts.json when it has them all."""
+  text_cols = {spec.get("column", name): name for name, spec in config.data.features.items()
+               if spec.get("kind") == "text"}
+  if id_field == config.data.item_field and all(f in text_cols for f in fields):
+    with open(os.path.join(data.path, "texts.json"), encoding="utf-8") as f:
+      texts = json.load(f)
+    ids = sorted({int(i) for f in fields for i in texts.get(text_cols[f], {})})
+    cols = {f: [texts[text_cols[f]].get(str(i)) for i in ids] for f in fields}
+    return cols, np.asarray(ids, np.int64)
+  from mscenario.data.sources import load_source
+  table = load_source(config.data)
+  if id_field not in table.columns:
+    raise ConfigError(f"text: the id field '{id_field}' is not a column of the data")
+  ids = data.transform._lookup_ids(vocab, table, id_field)
+  return {f: table.columns[f] for f in fields if f in table.columns}, ids
+
+
+def encode_for_config(config, workdir: str, *, encoder=None, log=print,
+                      progress: bool = True) -> dict:
+  """Build and encode item, scenario (and optional user) texts; write `<workdir>/text/`.
+
+  Returns the index written to `<workdir>/text/index.json` (paths, shapes, model, counts).
+  """
+  from mscenario.data.prepare import prepare
+  from mscenario.text.encoder import load_encoder
+  t0 = time.time()
+  data = prepare(config, log=log)
+  state = data.transform.state
+  if encoder is None:
+    encoder = load_encoder(_text_cfg(config, "model_path", "") or None)
+  log(f"text: model {encoder.model_dir} (dim {encoder.dim}, fingerprint {encoder.fingerprint})")
+  cache_dir = _text_cfg(config, "cache_dir", "") or default_text_cache_dir()
+  batch_size = int(_text_cfg(config, "batch_size", 64))
+  kw = dict(batch_size=batch_size, progress=progress, log=log)
+
+  tables, texts = {}, {}
+  template = item_template(config)
+  cols, ids = _raw_columns(data, config, template_fields(template), config.data.item_field,
+                           state["item_vocab"])
+  texts["items"] = build_item_texts(cols, ids, data.schema.item_vocab_size, template)
+  tables["items"] = encode_table(encoder, texts["items"], cache_dir, **kw)
+
+  descriptions = config.data.scenario.get("descriptions", {}) or {}
+  if hasattr(descriptions, "to_dict"):
+    descriptions = descriptions.to_dict()
+  if not descriptions and config.data.source == "synthetic":
+    from mscenario.data.synthetic import SyntheticWorld
+    descriptions = SyntheticWorld(config.data.synthetic).scenario_descriptions()
+  texts["scenarios"] = build_scenario_texts(data.schema.scenario_names, descriptions, log=log)
+  tables["scenarios"] = encode_table(encoder, texts["scenarios"], cache_dir, **kw)
+
+  user_template = _text_cfg(config, "user_template", "")
+  if user_template:
+    cols, ids = _raw_columns(data, config, template_fields(user_template),
+                             config.data.user_field, state["user_vocab"])
+    texts["users"] = build_user_texts(cols, ids, data.schema.user_vocab_size, user_template)
+    tables["users"] = encode_table(encoder, texts["users"], cache_dir, **kw)
+
+  out_dir = os.path.join(workdir, TEXT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  index = {"model_dir": encoder.model_dir, "fingerprint": encoder.fingerprint,
+           "dim": encoder.dim, "data_fingerprint": data.fingerprint,
+           "item_template": template, "user_template": user_template or None,
+           "scenario_names": list(data.schema.scenario_names), "tables": {}}
+  for name, table in tables.items():
+    np.save(os.path.join(out_dir, f"{name}.npy"), table)
+    index["tables"][name] = {"file": f"{name}.npy", "shape": list(table.shape),
+                             "with_text": sum(t is not None for t in texts[name])}
+  with open(os.path.join(out_dir, "texts.json"), "w", encoding="utf-8") as f:
+    json.dump(texts, f, ensure_ascii=False)
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:  # last: marks completeness
+    json.dump(index, f, indent=2)
+  index["seconds"] = round(time.time() - t0, 2)
+  return index
+
+
+def load_text_tables(workdir: str, fingerprint: str | None = None) -> dict[str, np.ndarray]:
+  """The tables `encode` wrote ('items', 'scenarios', maybe 'users'), as float32 arrays."""
+  path = os.path.join(workdir, TEXT_DIR, INDEX_FILE)
+  if not os.path.isfile(path):
+    raise MscenarioError(f"{path} does not exist: run `mscenario encode --config ... "
+                         f"--workdir {workdir}` first")
+  with open(path) as f:
+    index = json.load(f)
+  if fingerprint is not None and index["fingerprint"] != fingerprint:
+    raise MscenarioError(f"text tables in {workdir} were made with another model "
+                         f"({index['fingerprint']}, not {fingerprint}): run `encode` again")
+  return {name: np.load(os.path.join(workdir, TEXT_DIR, t["file"]))
+          for name, t in index["tables"].items()}
+
+
+# ---------------------------------------------------------------------------- CLI
+def cmd_encode(args, overrides) -> None:
+  from mscenario.config import load_config
+  config = load_config(args.config, overrides)
+  index = encode_for_config(config, args.workdir, progress=not args.quiet)
+  print(f"text: wrote {os.path.join(args.workdir, TEXT_DIR)} in {index['seconds']}s")
+  for name, t in index["tables"].items():
+    print(f"  {name:<10} {tuple(t['shape'])}  ({t['with_text']:,} rows with text)")
+
+
+def add_cli(subparsers) -> None:
+  """Adds `encode`: text tables for a config's items / scenarios / users into a work dir."""
+  p = subparsers.add_parser(
+      "encode", help="encode item, scenario (and user) texts with the language model")
+  p.add_argument("--config", required=True, help="configs/NAME.py")
+  p.add_argument("--workdir", required=True, help="writes <workdir>/text/*.npy + index.json")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_encode)

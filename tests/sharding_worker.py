@@ -1,0 +1,64 @@
+"""Run by tests/test_sharding.py in a fresh process with 8 virtual CPU devices.
+
+Trains the same config for a few steps on several mesh shapes and prints, as JSON, each mesh's
+losses, its largest parameter difference from the single-device run, and the table's shard
+shapes. Usage: python tests/sharding_worker.py MESHES_JSON [--config.x=y ...]
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from mscenario.config import load_config
+from mscenario.data import pipeline
+from mscenario.data.prepare import prepare
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import loop
+from tests.helpers import SYNTHETIC, TINY
+
+STEPS = 6
+
+
+def run(config, data, shape):
+  d, m = shape
+  mesh = mesh_lib.make_mesh(ConfigDict({"data": d, "model": m}), jax.devices()[: d * m])
+  setup = loop.build(config, data, mesh)
+  state = setup.create_state()
+  it = pipeline.BatchIterator(data, "train", config.train.batch_size, seed=config.seed,
+                              shuffle=True, drop_last=True)
+  losses = []
+  for batch in itertools.islice(it.epoch(0), STEPS):
+    state, metrics = setup.train_step(state, pipeline.to_global(
+        batch, mesh_lib.batch_sharding(mesh)))
+    losses.append(float(metrics["loss"]))
+  table = loop.embedding_table(state)
+  shards = sorted({tuple(s.data.shape) for s in table.addressable_shards})
+  params = jax.tree_util.tree_map(np.asarray, loop.all_params(state))
+  probs = loop.predict(setup, state.params, state.model_state, "valid")
+  return losses, params, shards, tuple(table.shape), probs
+
+
+def main(argv):
+  meshes = [tuple(m) for m in json.loads(argv[0])]
+  config = load_config(SYNTHETIC, [*TINY, *argv[1:]])
+  data = prepare(config, log=lambda *_: None)
+  ref_losses, ref_params, _, _, ref_probs = run(config, data, (1, 1))
+  out = {"reference_losses": ref_losses, "meshes": {}}
+  for shape in meshes:
+    losses, params, shards, table_shape, probs = run(config, data, shape)
+    diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, params, ref_params))
+    out["meshes"][f"{shape[0]}x{shape[1]}"] = {
+        "losses": losses, "max_param_diff": max(diffs),
+        "max_prob_diff": float(np.max(np.abs(probs - ref_probs))),
+        "table_shape": table_shape, "shard_shapes": shards}
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
