@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
   dsub = d.add_subparsers(dest="data_command", required=True)
   from mscenario.data import download
   download.add_cli(dsub)
+
+  from mscenario.text import tables as text_tables
+  text_tables.add_cli(sub)
   i = dsub.add_parser("prepare", help="prepare (or find) the cached dataset and print its summary")
   i.add_argument("--config", required=True)
   i.add_argument("--workdir", default=".")

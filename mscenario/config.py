@@ -141,7 +141,11 @@ def base_config() -> ConfigDict:
   # ---- language-model text features (see mscenario/text) --------------------------------
   c.text = ConfigDict()
   c.text.enabled = False
-  c.text.model_path = ""
+  c.text.model_path = ""           # local HF-format BERT-family dir; "" = packaged MiniLM
+  c.text.item_template = ""        # "" = the source's default / the text features
+  c.text.user_template = ""        # e.g. "{gender} user, age {age}"; "" = no user table
+  c.text.batch_size = 64
+  c.text.cache_dir = ""            # "" = <cache dir>/text
   return c
 
 

@@ -99,7 +99,7 @@ class Star(ScenarioModel):
   scenario_matmul='grouped' packs rows into scenario-pure chunks so each row pays for one
   scenario's FCN (~3x faster on CPU for 3 scenarios); 'dense' computes all S FCNs on every
   row and selects, which avoids the batch-wide packing (simpler under data sharding).
-  Both give the same logits.
+  Both give the same logits (dropout masks aside).
   """
   aux_hidden: Sequence[int] = (64,)
   scenario_matmul: str = "grouped"

@@ -58,7 +58,7 @@ def format_text(template: str, fields: Mapping[str, object]) -> str:
   text = template.format(**{k: _as_text(fields.get(k)) for k in template_fields(template)})
   text = re.sub(r"\(\s*\)|\[\s*\]", "", text)  # "Title ()" when the year is missing
   text = re.sub(r"\s+([.,;:!?])", r"\1", text)
-  return re.sub(r"\s+", " ", text).strip()
+  return re.sub(r"\s+", " ", text).strip().lstrip(".,;: ")
 
 
 def build_texts(columns: Mapping[str, Sequence], ids: np.ndarray, num_ids: int,

@@ -15,11 +15,19 @@ import orbax.checkpoint as ocp
 class Checkpoints:
   def __init__(self, workdir: str, keep: int):
     workdir = os.path.abspath(workdir)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                        enable_async_checkpointing=True)
+    # Orbax names its cross-process barriers after the step only: two managers saving the same
+    # step at once (best and latest at the end of an epoch) collide ("Barrier
+    # _async_commit_complete.<step> is already ongoing") and hang multi-process runs, unless
+    # each manager has its own barrier prefix.
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="mscenario_latest"))
     self.latest = ocp.CheckpointManager(os.path.join(workdir, "ckpt"), options=opts)
-    best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             enable_async_checkpointing=True)
+    best_opts = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="mscenario_best"))
     self.best = ocp.CheckpointManager(os.path.join(workdir, "best"), options=best_opts)
 
   @staticmethod
