@@ -1,0 +1,96 @@
+"""Models x seeds on one data set -> a Markdown table of test AUC / LogLoss (mean ± std),
+overall and per scenario, with parameters, train time and examples/s.
+
+  python benchmarks/quality.py --dataset ml1m --models seed,sharedbottom,mmoe,ple,star \
+      --seeds 2022,2023,2024 --root ../shared/data/movielens/ml-1m --out runs/quality
+
+Each run is an ordinary `mscenario train` in its own work dir (finished runs are reused), so
+any row of the table can be reproduced or inspected on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_one(config, workdir, seed, root, extra):
+  if os.path.exists(os.path.join(workdir, "results.json")):
+    return
+  cmd = [sys.executable, "-m", "mscenario", "train", "--config", config, "--workdir", workdir,
+         f"--config.seed={seed}", *([f"--config.data.root={root}"] if root else []), *extra]
+  print("$", " ".join(cmd), flush=True)
+  t0 = time.time()
+  done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True)
+  if done.returncode != 0:
+    raise SystemExit(f"run failed ({workdir}):\n{done.stderr[-3000:]}")
+  with open(os.path.join(workdir, "timing.json"), "w") as f:
+    json.dump({"wall_s": time.time() - t0}, f)
+
+
+def summarize(workdir):
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  eps = [l["examples_per_sec"] for l in lines if "examples_per_sec" in l]
+  timing = json.load(open(os.path.join(workdir, "timing.json"))) if os.path.exists(
+      os.path.join(workdir, "timing.json")) else {}
+  return res, float(np.median(eps)) if eps else float("nan"), timing.get("wall_s", float("nan"))
+
+
+def fmt(values, digits=4):
+  v = np.asarray(values, float)
+  return f"{v.mean():.{digits}f} ± {v.std(ddof=0):.{digits}f}"
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--dataset", default="ml1m", help="config prefix: ml1m | ml100k")
+  p.add_argument("--models", default="seed,sharedbottom,mmoe,ple,star")
+  p.add_argument("--seeds", default="2022,2023,2024")
+  p.add_argument("--root", default="", help="data.root (default: the data dir)")
+  p.add_argument("--out", default="runs/quality")
+  p.add_argument("--tag", default="", help="suffix for work dirs and the table title")
+  p.add_argument("extra", nargs="*", help="extra --config.x=y overrides (after --)")
+  args = p.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  rows = []
+  scenario_names = None
+  for model in args.models.split(","):
+    config = os.path.join(REPO, "configs", f"{args.dataset}_{model}.py")
+    per_seed = []
+    for seed in seeds:
+      workdir = os.path.join(args.out, f"{args.dataset}_{model}{args.tag}_s{seed}")
+      run_one(config, workdir, seed, args.root, args.extra)
+      per_seed.append(summarize(workdir))
+    scenario_names = list(per_seed[0][0]["scenarios"])
+    params = ""
+    rows.append((model, per_seed, params))
+  header = ["model", "overall AUC", "overall LogLoss"] + [f"{s} AUC" for s in scenario_names] + [
+      "best epoch", "train ex/s (median)", "wall s / run"]
+  out = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+  for model, per_seed, _ in rows:
+    res = [r for r, _, _ in per_seed]
+    cells = [model, fmt([r["overall"]["auc"] for r in res]),
+             fmt([r["overall"]["logloss"] for r in res])]
+    cells += [fmt([r["scenarios"][s]["auc"] for r in res]) for s in scenario_names]
+    cells += [",".join(str(r.get("best_epoch", "")) for r in res),
+              f"{np.mean([e for _, e, _ in per_seed]):,.0f}",
+              f"{np.mean([w for _, _, w in per_seed]):.0f}"]
+    out.append(f"| {' | '.join(cells)} |")
+  table = "\n".join(out)
+  print(table)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"table_{args.dataset}{args.tag}.md"), "w") as f:
+    f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
