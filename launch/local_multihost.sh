@@ -49,9 +49,13 @@ ARGS=("$@")
 if [[ -z "${PYTHON:-}" ]]; then
   if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
-if [[ -z "$PORT" ]]; then  # a free loopback port, chosen now
-  PORT="$("$PYTHON" -c 'import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+if [[ -z "$PORT" ]]; then  # a free loopback port, chosen now (the OS picks it)
+  for py in python3 python "$PYTHON"; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    PORT="$(timeout 20 "$py" -c 'import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null)" || PORT=""
+    [[ -n "$PORT" ]] && break
+  done
 fi
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
 if [[ -z "$LOG_DIR" ]]; then
@@ -139,7 +143,7 @@ while [[ ${#DONE[@]} -lt $N ]]; do
       exit "$rc"
     fi
   done
-  if [[ $TIMEOUT -gt 0 && $((SECONDS - START)) -ge $TIMEOUT ]]; then
+  if [[ $TIMEOUT -gt 0 && $((SECONDS - START)) -gt $TIMEOUT ]]; then
     echo "local_multihost: timed out after ${TIMEOUT}s; stopping all processes" >&2
     exit 124
   fi

@@ -117,6 +117,10 @@ def base_config() -> ConfigDict:
   c.train.embed_optimizer = "same"  # same | adagrad | adam | sgd
   c.train.embed_learning_rate = 1e-3
   c.train.embed_weight_decay = 0.0
+  # How embedding rows are updated: 'dense' (the table is an ordinary param under
+  # train.embed_optimizer) or sparse, touching only the batch's rows: 'rowwise_adagrad'
+  # (one float of state per row) or 'lazy_adam'; both use train.embed_learning_rate.
+  c.train.embed_update = "dense"
   c.train.grad_clip_norm = 0.0     # 0 = off
   c.train.warmup_steps = 0
   c.train.drop_last = True         # fixed-shape batches; see README for the last partial batch

@@ -39,7 +39,7 @@ def run(config, data, shape):
   table = loop.embedding_table(state)
   shards = sorted({tuple(s.data.shape) for s in table.addressable_shards})
   params = jax.tree_util.tree_map(np.asarray, loop.all_params(state))
-  probs = loop.predict(setup, state.params, state.model_state, "valid")
+  probs = loop.predict(setup, state, "valid")
   return losses, params, shards, tuple(table.shape), probs
 
 
@@ -51,10 +51,14 @@ def main(argv):
   out = {"reference_losses": ref_losses, "meshes": {}}
   for shape in meshes:
     losses, params, shards, table_shape, probs = run(config, data, shape)
-    diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, params, ref_params))
+    diff_tree = jax.tree_util.tree_map(
+        lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, params, ref_params)
+    paths = jax.tree_util.tree_leaves_with_path(diff_tree)
+    worst = max(paths, key=lambda kv: kv[1]) if paths else ("", 0.0)
+    diffs = [v for _, v in paths]
     out["meshes"][f"{shape[0]}x{shape[1]}"] = {
         "losses": losses, "max_param_diff": max(diffs),
+        "worst_param": jax.tree_util.keystr(worst[0]),
         "max_prob_diff": float(np.max(np.abs(probs - ref_probs))),
         "table_shape": table_shape, "shard_shapes": shards}
   print("RESULT " + json.dumps(out))

@@ -83,7 +83,8 @@ def test_shapes_finite_and_train_step(name):
   batch = make_batch()
   model = build_model(model_cfg(name, dropout=0.1), SCHEMA)
   variables = init(model, batch)
-  assert variables["params"]["embedding"]["table"].shape == (SCHEMA.total_embedding_rows, 4)
+  assert variables["params"]["embedding"]["table"].shape == (SCHEMA.table_rows, 4)
+  assert SCHEMA.table_rows % 256 == 0 and SCHEMA.table_rows >= SCHEMA.total_embedding_rows
   logits = model.apply(variables, batch, train=False)
   assert logits.shape == (32,) and logits.dtype == jnp.float32
   assert bool(jnp.isfinite(logits).all())
@@ -173,7 +174,8 @@ def test_embedding_collection_one_table_lookup_and_pooling():
   variables = nn.meta.unbox(boxed)
   assert list(variables["params"]) == ["table"]
   table = np.asarray(variables["params"]["table"])
-  assert table.shape == (50 + 40 + 4 + 12, 5)
+  assert SCHEMA.total_embedding_rows == 50 + 40 + 4 + 12
+  assert table.shape == (256, 5)  # padded to a multiple of TABLE_ROW_ALIGN
   out = np.asarray(module.apply(variables, batch["sparse"], batch["multi"]))
   assert out.shape == (16, 4, 5)
 

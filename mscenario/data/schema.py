@@ -20,6 +20,7 @@ import dataclasses
 PAD_ID = 0   # missing value / multi-valued padding
 OOV_ID = 1   # value not in the vocabulary (rarer than min_count, or unseen when fitted)
 FIRST_ID = 2
+TABLE_ROW_ALIGN = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,14 @@ class FeatureSchema:
   @property
   def total_embedding_rows(self) -> int:
     return sum(f.vocab_size for f in (*self.sparse, *self.multi))
+
+  @property
+  def table_rows(self) -> int:
+    """Rows of the stacked table, padded to a multiple of TABLE_ROW_ALIGN so that it splits
+    evenly over any power-of-two 'model' mesh axis up to that size (a checkpoint's table
+    shape therefore does not depend on the mesh it was written on)."""
+    total = max(self.total_embedding_rows, 1)
+    return -(-total // TABLE_ROW_ALIGN) * TABLE_ROW_ALIGN
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -46,16 +46,23 @@ class EmbeddingCollection(nn.Module):
   init_std: float = 1e-4
 
   @nn.compact
-  def __call__(self, sparse: jax.Array, multi: jax.Array) -> jax.Array:
-    rows = max(self.schema.total_embedding_rows, 1)  # a zero-row param cannot be sharded
-    table = self.param(
-        "table",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_std), EMBED_AXES),
-        (rows, self.embed_dim), jnp.float32)
+  def __call__(self, sparse: jax.Array, multi: jax.Array,
+               rows: jax.Array | None = None) -> jax.Array:
+    """`rows`: the already-gathered rows [B, S + M*L, E] of `stacked_ids` — the trainer's
+    sparse-update path keeps the table outside the model and passes them in; the table
+    param is then neither created nor read."""
     b = sparse.shape[0]
     n_sparse = sparse.shape[1]
     n_multi, max_len = multi.shape[1], multi.shape[2]
-    emb = lookup(table, stacked_ids(self.schema, sparse, multi))  # one gather
+    if rows is None:
+      table = self.param(
+          "table",
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_std),
+                                       EMBED_AXES),
+          (self.schema.table_rows, self.embed_dim), jnp.float32)
+      emb = lookup(table, stacked_ids(self.schema, sparse, multi))  # one gather
+    else:
+      emb = rows.astype(jnp.float32)
     sparse_emb = emb[:, :n_sparse]
     multi_emb = emb[:, n_sparse:].reshape(b, n_multi, max_len, self.embed_dim)
     mask = (multi != PAD_ID).astype(emb.dtype)[..., None]
@@ -72,7 +79,7 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   at params['embedding']['table'] (the trainer gives that path its own optimizer).
   """
   emb = EmbeddingCollection(schema, embed_dim, init_std, name="embedding")(
-      batch["sparse"], batch["multi"])
+      batch["sparse"], batch["multi"], batch.get("embedding_rows"))
   return emb, batch["dense"].astype(jnp.float32)
 
 

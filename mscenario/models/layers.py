@@ -57,7 +57,9 @@ class MLP(nn.Module):
     if x.shape[-1] == 0:  # an empty feature group: one zero column keeps Dense's init valid
       x = jnp.zeros(x.shape[:-1] + (1,), x.dtype)
     for width in self.hidden:
-      x = nn.Dense(width, dtype=dt, param_dtype=jnp.float32)(x)
+      # A bias in front of BatchNorm is cancelled by its mean subtraction: its gradient is
+      # pure rounding noise, which Adam would amplify into lr-sized random steps.
+      x = nn.Dense(width, use_bias=not self.batch_norm, dtype=dt, param_dtype=jnp.float32)(x)
       if self.batch_norm:
         # momentum 0.9 == torch's BatchNorm1d momentum 0.1.
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

@@ -34,7 +34,7 @@ def evaluate_workdir(config, workdir: str, split: str = "test") -> dict:
   data = loop.load_data(config)
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
   state = _restore(setup, workdir)
-  results = loop.evaluate_split(setup, state.params, state.model_state, split)
+  results = loop.evaluate_split(setup, state, split)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
@@ -67,7 +67,7 @@ def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.
                       transform=transform, meta={"fingerprint": "", "skipped": skipped})
   setup = loop.build(cfg, data, mesh_lib.make_mesh(cfg.mesh))
   state = _restore(setup, workdir)
-  probs = loop.predict(setup, state.params, state.model_state, "predict")
+  probs = loop.predict(setup, state, "predict")
   names = transform.schema.scenario_names
   lines = np.asarray(table.row_line)[keep]
   if jax.process_index() == 0:

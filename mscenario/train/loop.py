@@ -127,7 +127,13 @@ def opt_state_shardings(opt_state, params, param_shardings, default):
 
 def build(config, data: PreparedData, mesh) -> Setup:
   from mscenario.models.registry import build_model
+  from mscenario.train import sparse
   model = build_model(config.model, data.schema)
+  schema = data.schema
+  embed_update = config.train.embed_update
+  sparse_mode = embed_update != "dense"
+  if sparse_mode:
+    sparse.check_kind(embed_update)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
   batch = example_batch(data, 8)
@@ -135,42 +141,90 @@ def build(config, data: PreparedData, mesh) -> Setup:
   def init_variables():
     return model.init({"params": init_rng, "dropout": dropout_rng}, batch, train=False)
 
+  abstract_vars = jax.eval_shape(init_variables)
+  var_shardings = mesh_lib.logical_to_shardings(nn.get_partition_spec(abstract_vars), mesh)
+  table_sharding = var_shardings["params"]["embedding"]["table"]
+
+  def split_table(params):
+    """Sparse mode: the table leaves the Flax params for state.embed."""
+    params = dict(params)
+    rest = {k: v for k, v in params["embedding"].items() if k != "table"}
+    table = params["embedding"]["table"]
+    if rest:
+      params["embedding"] = rest
+    else:
+      del params["embedding"]
+    return params, table
+
+  abstract_params = nn.meta.unbox(abstract_vars)["params"]
+  if sparse_mode:
+    abstract_params, _ = split_table(abstract_params)
+  tx = make_optimizer(config.train, abstract_params, clip=not sparse_mode)
+
   def create_state():
     variables = nn.meta.unbox(init_variables())
     params = variables["params"]
+    embed = {}
+    if sparse_mode:
+      params, table = split_table(params)
+      embed = {"table": table, "opt": sparse.init_opt_state(embed_update, table)}
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng, embed=embed)
 
-  abstract_vars = jax.eval_shape(init_variables)
-  tx = make_optimizer(config.train, nn.meta.unbox(abstract_vars)["params"])
-  var_shardings = mesh_lib.logical_to_shardings(nn.get_partition_spec(abstract_vars), mesh)
   abstract_state = jax.eval_shape(create_state)
   rep = mesh_lib.replicated(mesh)
   param_shardings = var_shardings["params"]
+  embed_shardings = {}
+  if sparse_mode:
+    param_shardings, _ = split_table(param_shardings)
+    row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        table_sharding.spec[0] if len(table_sharding.spec) else None))
+    embed_shardings = {
+        "table": table_sharding,
+        "opt": {k: (row_sharding if v.ndim == 1 else table_sharding)
+                for k, v in abstract_state.embed["opt"].items()}}
   opt_shardings = opt_state_shardings(abstract_state.opt_state, abstract_state.params,
                                       param_shardings, rep)
   state_shardings = TrainState(
       step=rep, params=param_shardings,
       model_state={k: jax.tree_util.tree_map(lambda _: rep, v)
                    for k, v in abstract_state.model_state.items()},
-      opt_state=opt_shardings, rng=rep)
+      opt_state=opt_shardings, rng=rep, embed=embed_shardings)
   bs = mesh_lib.batch_sharding(mesh)
   batch_shardings = {k: bs for k in pipeline.DEVICE_KEYS if k in data.arrays or k == "weight"}
-  train_step = jax.jit(make_train_step(model, tx),
-                       in_shardings=(state_shardings, batch_shardings),
+  step_fn = make_train_step(model, tx, schema, embed_update,
+                            config.train.embed_learning_rate, config.train.grad_clip_norm)
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model),
+  eval_step = jax.jit(make_eval_step(model, schema),
                       in_shardings=(state_shardings.params, state_shardings.model_state,
-                                    batch_shardings), out_shardings=rep)
+                                    state_shardings.embed, batch_shardings),
+                      out_shardings=rep)
   abstract = ckpt_lib.abstract_like(abstract_state, state_shardings)
   create = jax.jit(create_state, out_shardings=state_shardings)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
                eval_step, abstract, create)
 
 
+def embedding_table(state: TrainState) -> jax.Array:
+  """The stacked embedding table, wherever the update mode keeps it."""
+  if state.embed:
+    return state.embed["table"]
+  return state.params["embedding"]["table"]
+
+
+def all_params(state: TrainState) -> dict:
+  """Trainable parameters including the table (for comparisons and export)."""
+  if not state.embed:
+    return state.params
+  params = dict(state.params)
+  params["embedding"] = {**params.get("embedding", {}), "table": state.embed["table"]}
+  return params
+
+
 # ---------------------------------------------------------------------------- evaluation
-def predict(setup: Setup, params, model_state, split: str, *, desc: str = "") -> np.ndarray:
+def predict(setup: Setup, state: TrainState, split: str, *, desc: str = "") -> np.ndarray:
   """Probabilities for every row of `split`, in the split's row order."""
   cfg = setup.config
   size = _round_batch(cfg.train.eval_batch_size, setup.mesh)
@@ -183,17 +237,18 @@ def predict(setup: Setup, params, model_state, split: str, *, desc: str = "") ->
                               cfg.train.prefetch)
   for batch in tqdm(batches, total=it.num_batches, desc=desc or f"eval {split}", leave=False,
                     disable=jax.process_index() != 0 or it.num_batches < 4):
-    out.append(np.asarray(setup.eval_step(params, model_state, batch)))
+    out.append(np.asarray(setup.eval_step(state.params, state.model_state, state.embed,
+                                          batch)))
   probs = np.concatenate(out)[: len(setup.data.splits[split])]
   return probs
 
 
-def evaluate_split(setup: Setup, params, model_state, split: str,
+def evaluate_split(setup: Setup, state: TrainState, split: str,
                    probs: np.ndarray | None = None) -> dict:
   """Overall and per-scenario metrics of `split` (probabilities computed unless given)."""
   from mscenario.metrics import evaluate_by_scenario
   if probs is None:
-    probs = predict(setup, params, model_state, split)
+    probs = predict(setup, state, split)
   idx = setup.data.splits[split]
   arrays = setup.data.arrays
   truth = np.asarray(arrays["truth"][idx]) if "truth" in arrays else None
@@ -372,7 +427,7 @@ def _run_epochs(setup, state, loop, train_it, ckpts, logger, log):
         return state, loop
     bar.close()
     # End of epoch: validate, early stopping, checkpoint.
-    result = evaluate_split(setup, state.params, state.model_state, "valid")
+    result = evaluate_split(setup, state, "valid")
     auc = result["overall"]["auc"]
     logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
                   "valid_logloss": result["overall"]["logloss"]})
@@ -414,8 +469,8 @@ def final_report(setup, ckpts, workdir: str, log=print) -> dict:
   if restored is None:
     restored = ckpts.restore_latest(setup.abstract_state)
   state, meta = restored
-  probs = predict(setup, state.params, state.model_state, "test")
-  results = evaluate_split(setup, state.params, state.model_state, "test", probs)
+  probs = predict(setup, state, "test")
+  results = evaluate_split(setup, state, "test", probs)
   results["best_epoch"] = meta.get("best_epoch", -1) + 1
   results["valid_auc"] = meta.get("best_auc")
   results["data_fingerprint"] = setup.data.fingerprint

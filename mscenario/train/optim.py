@@ -41,7 +41,7 @@ def param_labels(params):
           for k, v in params.items()}
 
 
-def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, params, clip: bool = True) -> optax.GradientTransformation:
   """`params`: the (abstract) params tree; labels are fixed from it up front (a concrete
   labels tree, unlike a callable, lets optax.tree_map_params map shardings onto the state)."""
   dense = _make(train_cfg.optimizer, _schedule(train_cfg.learning_rate, train_cfg.warmup_steps),
@@ -55,6 +55,6 @@ def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
                   _schedule(train_cfg.embed_learning_rate, train_cfg.warmup_steps),
                   train_cfg.embed_weight_decay)
   tx = optax.multi_transform({"dense": dense, "embed": embed}, param_labels(params))
-  if train_cfg.grad_clip_norm > 0:
+  if clip and train_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), tx)
   return tx

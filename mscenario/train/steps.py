@@ -8,14 +8,18 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mscenario.models.embedding import stacked_ids
+from mscenario.train import sparse
+
 
 @struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
-  model_state: Any      # non-trainable collections, e.g. STAR's per-scenario batch_stats
+  model_state: Any      # non-trainable collections, e.g. batch-norm running statistics
   opt_state: Any
   rng: jax.Array        # raw uint32 key; dropout keys are fold_in(rng, step)
+  embed: Any = None     # sparse-update mode: {'table': [R, E], 'opt': {...}}; else {}
 
 
 def weighted_bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
@@ -23,34 +27,84 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax
   return jnp.sum(per_row * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def make_train_step(model, tx):
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-    mutable = list(state.model_state.keys())
+def _apply(model, params, model_state, batch, train, rng):
+  """Model forward; returns (logits, updated model_state)."""
+  mutable = list(model_state.keys()) if train else False
+  variables = {"params": params, **model_state}
+  if mutable:
+    logits, new_state = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+                                    mutable=mutable)
+    return logits, new_state
+  rngs = {"dropout": rng} if rng is not None else None
+  return model.apply(variables, batch, train=train, rngs=rngs), model_state
 
-    def loss_fn(params):
-      variables = {"params": params, **state.model_state}
-      if mutable:
-        logits, new_model_state = model.apply(variables, batch, train=True,
-                                              rngs={"dropout": dropout_rng}, mutable=mutable)
-      else:
-        logits = model.apply(variables, batch, train=True, rngs={"dropout": dropout_rng})
-        new_model_state = state.model_state
-      return weighted_bce(logits, batch["label"], batch["weight"]), new_model_state
 
-    (loss, new_model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def make_train_step(model, tx, schema=None, embed_update: str = "dense",
+                    embed_lr: float = 0.0, clip_norm: float = 0.0):
+  """Pure step (state, batch) -> (state, metrics).
+
+  Dense mode: the table is a Flax param updated by `tx` like everything else. Sparse modes
+  (see train/sparse.py): the table lives in `state.embed`, the model receives the gathered
+  rows, and only those rows are updated; `clip_norm` then clips dense and row gradients
+  together (in dense mode clipping is part of `tx`).
+  """
+  if embed_update == "dense":
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+      rng = jax.random.fold_in(state.rng, state.step)
+
+      def loss_fn(params):
+        logits, new_ms = _apply(model, params, state.model_state, batch, True, rng)
+        return weighted_bce(logits, batch["label"], batch["weight"]), new_ms
+
+      (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new_state = state.replace(step=state.step + 1,
+                                params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state, model_state=new_ms)
+      return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return train_step
+
+  sparse.check_kind(embed_update)
+
+  def sparse_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    table = state.embed["table"]
+    ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+    uniq, inv = sparse.unique_rows(ids, table.shape[0])
+    rows = sparse.gather(table, uniq)
+
+    def loss_fn(params, rows):
+      feed = {**batch, "embedding_rows": rows[inv]}
+      logits, new_ms = _apply(model, params, state.model_state, feed, True, rng)
+      return weighted_bce(logits, batch["label"], batch["weight"]), new_ms
+
+    (loss, new_ms), (grads, row_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, rows)
+    norm = optax.tree.norm((grads, row_grads))
+    if clip_norm > 0:
+      scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
+      grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+      row_grads = row_grads * scale
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=new_model_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    table, embed_opt = sparse.apply_update(embed_update, table, state.embed["opt"], uniq,
+                                           row_grads, embed_lr, state.step)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, model_state=new_ms,
+                              embed={"table": table, "opt": embed_opt})
+    return new_state, {"loss": loss, "grad_norm": norm}
 
-  return train_step
+  return sparse_step
 
 
-def make_eval_step(model):
-  def eval_step(params, model_state, batch: dict) -> jax.Array:
-    logits = model.apply({"params": params, **model_state}, batch, train=False)
+def make_eval_step(model, schema=None):
+  """(params, model_state, embed, batch) -> probabilities [B]."""
+  def eval_step(params, model_state, embed, batch: dict) -> jax.Array:
+    if embed:
+      ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+      batch = {**batch, "embedding_rows": embed["table"].at[ids].get(mode="fill",
+                                                                     fill_value=0)}
+    logits, _ = _apply(model, params, model_state, batch, False, None)
     return jax.nn.sigmoid(logits.astype(jnp.float32))
 
   return eval_step
