@@ -85,8 +85,9 @@ def test_sparse_update_matches_dense_reference(kind):
     np.testing.assert_allclose(got[touched], expected[touched], rtol=1e-5, atol=atol)
     assert np.abs(got[touched] - table[touched]).max() > 0
     for k in opt:
+      # Rows hit many times sum their gradients in a different order in the two paths.
       np.testing.assert_allclose(np.asarray(state.embed["opt"][k]), opt[k], rtol=1e-4,
-                                 atol=1e-7)
+                                 atol=1e-6)
     table = got
 
 

@@ -24,6 +24,7 @@ from mscenario import config as config_lib
 from mscenario.data import pipeline
 from mscenario.data.prepare import PreparedData, prepare
 from mscenario.errors import ConfigError, MscenarioError
+from mscenario.models.embedding import stacked_ids
 from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import checkpoint as ckpt_lib
@@ -141,6 +142,14 @@ def build(config, data: PreparedData, mesh) -> Setup:
   def init_variables():
     return model.init({"params": init_rng, "dropout": dropout_rng}, batch, train=False)
 
+  def init_sparse_variables():
+    """Sparse mode: init the model on given rows (no table param); the table is made by
+    sparse.init_table, chunk by chunk."""
+    ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+    rows = jnp.zeros(ids.shape + (config.model.embed_dim,), jnp.float32)
+    return model.init({"params": init_rng, "dropout": dropout_rng},
+                      {**batch, "embedding_rows": rows}, train=False)
+
   abstract_vars = jax.eval_shape(init_variables)
   var_shardings = mesh_lib.logical_to_shardings(nn.get_partition_spec(abstract_vars), mesh)
   table_sharding = var_shardings["params"]["embedding"]["table"]
@@ -162,12 +171,16 @@ def build(config, data: PreparedData, mesh) -> Setup:
   tx = make_optimizer(config.train, abstract_params, clip=not sparse_mode)
 
   def create_state():
-    variables = nn.meta.unbox(init_variables())
-    params = variables["params"]
     embed = {}
     if sparse_mode:
-      params, table = split_table(params)
+      variables = nn.meta.unbox(init_sparse_variables())
+      params = variables["params"]
+      table = sparse.init_table(jax.random.fold_in(init_rng, 1), schema.table_rows,
+                                config.model.embed_dim, config.model.embed_init_std)
       embed = {"table": table, "opt": sparse.init_opt_state(embed_update, table)}
+    else:
+      variables = nn.meta.unbox(init_variables())
+      params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), rng=state_rng, embed=embed)

@@ -31,6 +31,24 @@ def check_kind(kind: str) -> None:
     raise ConfigError(f"train.embed_update={kind!r}: expected dense, {' or '.join(KINDS)}")
 
 
+def init_table(key: jax.Array, rows: int, dim: int, std: float,
+               chunk: int = 1 << 18) -> jax.Array:
+  """N(0, std) table filled chunk by chunk, so peak memory is the table plus one chunk
+  (generating 10^8 x 16 normals at once needs several times the table's size)."""
+  chunk = min(chunk, rows)
+  full, rest = divmod(rows, chunk)
+
+  def body(i, table):
+    block = std * jax.random.normal(jax.random.fold_in(key, i), (chunk, dim), jnp.float32)
+    return jax.lax.dynamic_update_slice(table, block, (i * chunk, 0))
+
+  table = jax.lax.fori_loop(0, full, body, jnp.zeros((rows, dim), jnp.float32))
+  if rest:
+    block = std * jax.random.normal(jax.random.fold_in(key, full), (rest, dim), jnp.float32)
+    table = jax.lax.dynamic_update_slice(table, block, (full * chunk, 0))
+  return table
+
+
 def init_opt_state(kind: str, table: jax.Array) -> dict:
   rows = table.shape[0]
   if kind == "rowwise_adagrad":
