@@ -1,0 +1,425 @@
+"""Load an exported predictor and score raw requests — no training code paths.
+
+Only jax, numpy, safetensors and the data helpers (Transform, RawTable, schema) are imported:
+a serving host needs neither the model classes nor the training data, just the directory that
+`mscenario export` wrote. Weights are *arguments* of the serialised scoring functions, so a new
+version with the same shapes reuses the already compiled functions (a hot swap is a pointer
+swap, not a recompile).
+
+Model directory layout (written by `mscenario.serve.export`):
+  MODEL_DIR/CURRENT                 name of the version to serve (replaced atomically)
+  MODEL_DIR/versions/<v>/manifest.json, config.json, transform.json, weights.safetensors,
+                         functions/score_b<B>.jax, text/*.npy (frozen text tables, if any)
+A version directory itself is also accepted as MODEL_DIR.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import threading
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from mscenario.data import schema as schema_lib
+from mscenario.data.table import RawTable
+from mscenario.data.transform import Transform
+from mscenario.errors import MscenarioError
+
+FORMAT = "mscenario-predictor"
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+VERSIONS_DIR = "versions"
+MANIFEST = "manifest.json"
+# Batch arrays the scoring function takes (labels / weights are not needed to score).
+INPUT_KEYS = ("sparse", "multi", "dense", "scenario", "user", "item")
+
+
+# ---------------------------------------------------------------------------- pytree <-> flat
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """Nested dicts -> {'a/b/c': leaf}: the file format needs flat names, not pickled trees."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def input_spec(manifest: dict, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Shapes/dtypes of the scoring function's batch argument at one bucket size."""
+  s, (m, l), d = manifest["inputs"]["sparse"], manifest["inputs"]["multi"], \
+      manifest["inputs"]["dense"]
+  return {"sparse": ((batch, s), "int32"), "multi": ((batch, m, l), "int32"),
+          "dense": ((batch, d), "float32"), "scenario": ((batch,), "int32"),
+          "user": ((batch,), "int32"), "item": ((batch,), "int32")}
+
+
+def resolve_version_dir(model_dir: str) -> str:
+  """MODEL_DIR (with CURRENT) or a version dir -> the version dir to load."""
+  if os.path.exists(os.path.join(model_dir, MANIFEST)):
+    return model_dir
+  current = os.path.join(model_dir, CURRENT_FILE)
+  if not os.path.exists(current):
+    raise MscenarioError(f"{model_dir} is not an exported model (no {CURRENT_FILE} or "
+                         f"{MANIFEST}); create one with `mscenario export --workdir DIR "
+                         f"--out {model_dir}`")
+  with open(current) as f:
+    name = f.read().strip()
+  path = os.path.join(model_dir, VERSIONS_DIR, name)
+  if not os.path.exists(os.path.join(path, MANIFEST)):
+    raise MscenarioError(f"{current} names version {name!r}, but {path} holds no {MANIFEST}")
+  return path
+
+
+def current_version_name(model_dir: str) -> str | None:
+  """The version MODEL_DIR/CURRENT names (None for a plain version dir)."""
+  try:
+    with open(os.path.join(model_dir, CURRENT_FILE)) as f:
+      return f.read().strip()
+  except FileNotFoundError:
+    return None
+
+
+# ---------------------------------------------------------------------------- compiled functions
+_FN_CACHE: dict[str, Any] = {}
+_FN_LOCK = threading.Lock()
+
+
+def _load_function(data: bytes):
+  """Deserialise + jit once per distinct function (keyed by content hash): versions that only
+  change weights share the compiled executables."""
+  key = hashlib.sha256(data).hexdigest()
+  with _FN_LOCK:
+    fn = _FN_CACHE.get(key)
+    if fn is None:
+      exported = jax.export.deserialize(bytearray(data))
+      fn = jax.jit(exported.call)
+      _FN_CACHE[key] = fn
+  return fn
+
+
+# ---------------------------------------------------------------------------- request -> rows
+class RequestError(ValueError):
+  """Invalid request content; `errors` are [{'loc': [...], 'msg': ...}] (HTTP 422)."""
+
+  def __init__(self, errors: list[dict]):
+    self.errors = errors
+    super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  """Which raw fields the transform reads, and as what."""
+  categorical: tuple[str, ...]
+  numeric: tuple[str, ...]
+  multi: tuple[str, ...]
+
+  @classmethod
+  def of(cls, transform: Transform) -> "Columns":
+    s = transform.state
+    schema = transform.schema
+    col = lambda name: s["features"][name].get("column", name)  # noqa: E731
+    numeric = [d["column"] for d in s["dense"].values()]
+    multi = [col(f.name) for f in schema.multi]
+    cat = [col(f.name) for f in schema.sparse] + [s["scenario"]["field"]]
+    cat += [f for f, v in ((s["user_field"], s["user_vocab"]),
+                           (s["item_field"], s["item_vocab"])) if v]
+    dedup = lambda xs: tuple(dict.fromkeys(xs))  # noqa: E731
+    numeric = dedup(numeric)
+    return cls(dedup(c for c in cat if c not in numeric and c not in multi), numeric,
+               dedup(multi))
+
+
+def _categorical(v, loc, errors):
+  """JSON value -> the string the training data would have held (ints without '.0')."""
+  if v is None:
+    return None
+  if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+    errors.append({"loc": loc, "msg": "expected a string, a number or null"})
+    return None
+  if isinstance(v, float):
+    if not math.isfinite(v):
+      errors.append({"loc": loc, "msg": "expected a finite number"})
+      return None
+    return str(int(v)) if v == int(v) else str(v)
+  return str(v)
+
+
+def _numeric(v, loc, errors):
+  if v is None or v == "":
+    return math.nan
+  if isinstance(v, bool):
+    errors.append({"loc": loc, "msg": "expected a number or null"})
+    return math.nan
+  try:
+    x = float(v)
+  except (TypeError, ValueError):
+    errors.append({"loc": loc, "msg": "expected a number or null"})
+    return math.nan
+  if not math.isfinite(x):
+    errors.append({"loc": loc, "msg": "expected a finite number"})
+    return math.nan
+  return x
+
+
+def _multi(v, loc, errors):
+  if v is None:
+    return ()
+  if not isinstance(v, list):
+    errors.append({"loc": loc, "msg": "expected a list of strings or numbers"})
+    return ()
+  out = []
+  for j, t in enumerate(v):
+    c = _categorical(t, [*loc, j], errors)
+    if c is not None:
+      out.append(c)
+  return tuple(out)
+
+
+# ---------------------------------------------------------------------------- one version
+class ModelVersion:
+  """One loaded export. Immutable once built: the server swaps whole versions."""
+
+  def __init__(self, path: str, *, warm_up: bool = True):
+    self.path = os.path.abspath(path)
+    with open(os.path.join(path, MANIFEST)) as f:
+      self.manifest = json.load(f)
+    if self.manifest.get("format") != FORMAT:
+      raise MscenarioError(f"{path}/{MANIFEST} is not an {FORMAT} manifest")
+    if self.manifest.get("format_version", 0) > FORMAT_VERSION:
+      raise MscenarioError(f"{path} was exported by a newer mscenario (format "
+                           f"{self.manifest['format_version']} > {FORMAT_VERSION})")
+    self.version = self.manifest["version"]
+    with open(os.path.join(path, "transform.json")) as f:
+      self.transform = Transform(json.load(f))
+    with open(os.path.join(path, "config.json")) as f:
+      self.config = json.load(f)
+    self.schema = self.transform.schema
+    self.columns = Columns.of(self.transform)
+    from safetensors.numpy import load_file
+    host = load_file(os.path.join(path, self.manifest["weights"]))
+    self.weights = {k: jax.device_put(v) for k, v in host.items()}
+    self.buckets = tuple(sorted(int(b) for b in self.manifest["functions"]))
+    self.fns = {}
+    for b in self.buckets:
+      with open(os.path.join(path, self.manifest["functions"][str(b)]), "rb") as f:
+        self.fns[b] = _load_function(f.read())
+    self.text_tables = {}
+    for name, rel in self.manifest.get("text_tables", {}).items():
+      self.text_tables[name] = np.load(os.path.join(path, rel), allow_pickle=False)
+    self._scenario_lookup = self._build_scenario_lookup()
+    if warm_up:
+      for b in self.buckets:  # compile now, not on the first request after a swap
+        self.score_arrays(self.empty_batch(b))
+
+  # -- metadata ------------------------------------------------------------------------
+  def metadata(self) -> dict:
+    s = self.transform.state
+    feats = [{"name": k, "kind": v.get("kind"), "column": v.get("column", k)}
+             for k, v in s["features"].items()]
+    return {"model": self.manifest["model"], "version": self.version,
+            "created": self.manifest.get("created"), "source": self.manifest.get("source"),
+            "buckets": list(self.buckets), "features": feats,
+            "fields": {"categorical": list(self.columns.categorical),
+                       "numeric": list(self.columns.numeric),
+                       "multi": list(self.columns.multi)},
+            "user_field": s["user_field"], "item_field": s["item_field"],
+            "scenario_field": s["scenario"]["field"],
+            "scenarios": list(self.schema.scenario_names),
+            "scenario_values": {k: list(v) for k, v in s["scenario"]["groups"].items()}}
+
+  def _build_scenario_lookup(self) -> dict[str, tuple[int, str]]:
+    """Request 'scenario' (a scenario name or a raw field value) -> (index, raw value)."""
+    names = self.transform.state["scenario"]["names"]
+    groups = self.transform.state["scenario"]["groups"]
+    out = {}
+    for i, name in enumerate(names):
+      raw = groups[name][0] if groups.get(name) else name
+      out[str(name)] = (i, raw)
+      for v in groups.get(name, ()):
+        out[str(v)] = (i, str(v))
+    return out
+
+  # -- encoding --------------------------------------------------------------------------
+  def parse(self, request: Any, loc: Sequence = ()) -> tuple[list[dict], int, str]:
+    """Validate one {'scenario', 'user', 'items'} request -> (rows, scenario index, raw).
+
+    Raises RequestError listing every bad field; the server answers it with HTTP 422.
+    """
+    errors: list[dict] = []
+    loc = list(loc)
+    if not isinstance(request, dict):
+      raise RequestError([{"loc": loc, "msg": "expected a JSON object"}])
+    scenario = request.get("scenario")
+    hit = None
+    if scenario is None:
+      errors.append({"loc": [*loc, "scenario"], "msg": "field required"})
+    elif isinstance(scenario, bool) or not isinstance(scenario, (str, int)):
+      errors.append({"loc": [*loc, "scenario"], "msg": "expected a string"})
+    else:
+      hit = self._scenario_lookup.get(str(scenario))
+      if hit is None:
+        errors.append({"loc": [*loc, "scenario"],
+                       "msg": f"unknown scenario {scenario!r} (expected one of "
+                              f"{sorted(self._scenario_lookup)})"})
+    user = request.get("user", {})
+    if user is None:
+      user = {}
+    if not isinstance(user, dict):
+      errors.append({"loc": [*loc, "user"], "msg": "expected an object of raw user fields"})
+      user = {}
+    items = request.get("items")
+    if items is None:
+      errors.append({"loc": [*loc, "items"], "msg": "field required"})
+      items = []
+    elif not isinstance(items, list):
+      errors.append({"loc": [*loc, "items"], "msg": "expected a list of objects"})
+      items = []
+    elif not items:
+      errors.append({"loc": [*loc, "items"], "msg": "expected at least one item"})
+    unknown = set(request) - {"scenario", "user", "items"}
+    if unknown:
+      errors.append({"loc": loc, "msg": f"unknown keys {sorted(unknown)} (expected "
+                                        "scenario, user, items)"})
+    rows = []
+    for j, item in enumerate(items):
+      if not isinstance(item, dict):
+        errors.append({"loc": [*loc, "items", j], "msg": "expected an object of raw item "
+                                                         "fields"})
+        continue
+      rows.append({**user, **item})
+      self._check_row(user, item, [*loc, "items", j], loc, errors)
+    if errors:
+      raise RequestError(errors)
+    return rows, hit[0], hit[1]
+
+  def _check_row(self, user, item, item_loc, loc, errors) -> None:
+    c = self.columns
+    for name in (*c.categorical, *c.numeric, *c.multi):
+      src, where = (item, item_loc) if name in item else (user, [*loc, "user"])
+      if name not in src:
+        continue
+      if name in c.numeric:
+        _numeric(src[name], [*where, name], errors)
+      elif name in c.multi:
+        _multi(src[name], [*where, name], errors)
+      else:
+        _categorical(src[name], [*where, name], errors)
+
+  def encode(self, groups: Sequence[tuple[list[dict], int, str]]) -> dict[str, np.ndarray]:
+    """Parsed requests -> one batch of model inputs (rows in request, then item order)."""
+    c = self.columns
+    sfield = self.transform.state["scenario"]["field"]
+    rows, scen, raw_s = [], [], []
+    for r, idx, raw in groups:
+      rows.extend(r)
+      scen.extend([idx] * len(r))
+      raw_s.extend([raw] * len(r))
+    n = len(rows)
+    errors: list[dict] = []  # parse() already checked every value; these stay empty
+    cols = {}
+    for name in c.numeric:
+      cols[name] = np.array([_numeric(r.get(name), [name], errors) for r in rows], np.float64)
+    for name in c.multi:
+      cols[name] = np.array([None] * n, dtype=object)
+      cols[name][:] = [_multi(r.get(name), [name], errors) for r in rows]
+    for name in c.categorical:
+      cols[name] = np.array([_categorical(r.get(name), [name], errors) for r in rows],
+                            dtype=object)
+    # The scenario field must map to a known scenario for the transform; the request's
+    # scenario decides the index either way (a row's own value still feeds its features).
+    if sfield in cols and sfield not in c.numeric:
+      col = cols[sfield]
+      known = np.array([v is not None and v in self._scenario_lookup for v in col.tolist()],
+                       bool)
+      col[~known] = np.asarray(raw_s, dtype=object)[~known]
+    elif sfield in cols:
+      col = cols[sfield]
+      bad = np.isnan(col) | np.array(
+          [_categorical(v, [], []) not in self._scenario_lookup for v in col.tolist()], bool)
+      col[bad] = [float(v) for v in np.asarray(raw_s, dtype=object)[bad]]
+    if errors:
+      raise RequestError(errors)
+    table = RawTable(columns=cols, row_file=np.zeros(n, np.int32),
+                     row_line=np.arange(1, n + 1, dtype=np.int64), files=["<request>"])
+    arrays, _, _ = self.transform.apply(table, on_error="raise", require_label=False)
+    arrays["scenario"] = np.asarray(scen, np.int32)
+    return {k: arrays[k] for k in INPUT_KEYS}
+
+  # -- scoring -----------------------------------------------------------------------------
+  def empty_batch(self, n: int) -> dict[str, np.ndarray]:
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in
+            input_spec(self.manifest, n).items()}
+
+  def score_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Probabilities [N] for model-input arrays, padded into the compiled bucket sizes."""
+    n = len(arrays["scenario"])
+    out = []
+    start = 0
+    largest = self.buckets[-1]
+    while start < n:
+      left = n - start
+      b = next((b for b in self.buckets if b >= left), largest)
+      take = min(left, b)
+      chunk = {}
+      for k in INPUT_KEYS:
+        a = np.asarray(arrays[k][start:start + take])
+        if take < b:
+          pad = np.zeros((b - take,) + a.shape[1:], a.dtype)
+          a = np.concatenate([a, pad])
+        chunk[k] = a
+      out.append(np.asarray(self.fns[b](self.weights, chunk))[:take])
+      start += take
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+  def predict(self, request: dict) -> np.ndarray:
+    """One {'scenario', 'user', 'items'} request -> probabilities in item order."""
+    return self.score_arrays(self.encode([self.parse(request)]))
+
+
+# ---------------------------------------------------------------------------- swappable holder
+class Predictor:
+  """The version being served, swapped atomically when MODEL_DIR/CURRENT changes.
+
+  Readers take `predictor.current` once and use that object for a whole batch, so a swap
+  never mixes two versions inside one response.
+  """
+
+  def __init__(self, model_dir: str):
+    self.model_dir = os.path.abspath(model_dir)
+    self._lock = threading.Lock()
+    self._loaded_name = current_version_name(self.model_dir)
+    self.current = ModelVersion(resolve_version_dir(self.model_dir))
+
+  def maybe_reload(self) -> bool:
+    """Load the version CURRENT names if it is not the one being served; True if swapped."""
+    with self._lock:
+      name = current_version_name(self.model_dir)
+      if name is None or name == self._loaded_name:
+        return False
+      new = ModelVersion(resolve_version_dir(self.model_dir))  # fully loaded + warmed up
+      self.current, self._loaded_name = new, name  # one reference assignment: atomic
+      return True
+
+
+def load(model_dir: str) -> ModelVersion:
+  """The version a model dir currently names (for scripts and tests)."""
+  return ModelVersion(resolve_version_dir(model_dir))
