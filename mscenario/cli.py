@@ -87,13 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
   dsub = d.add_subparsers(dest="data_command", required=True)
   from mscenario.data import download
   download.add_cli(dsub)
-
-  from mscenario.text import tables as text_tables
-  text_tables.add_cli(sub)
   i = dsub.add_parser("prepare", help="prepare (or find) the cached dataset and print its summary")
   i.add_argument("--config", required=True)
   i.add_argument("--workdir", default=".")
   i.set_defaults(func=cmd_data_info)
+
+  from mscenario.text import tables as text_tables
+  text_tables.add_cli(sub)
+  from mscenario import serve as serve_cli
+  serve_cli.add_cli(sub)
   return p
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from mscenario.data import schema as schema_lib
 from mscenario.data.table import RawTable
-from mscenario.data.transform import Transform
+from mscenario.data.transform import MISSING, Transform
 from mscenario.errors import MscenarioError
 
 FORMAT = "mscenario-predictor"
@@ -194,6 +194,51 @@ def _multi(v, loc, errors):
   return tuple(out)
 
 
+def _fast_str(v):
+  return v if type(v) is str else None  # noqa: E721 — exact type: bool/int need converting
+
+
+def _fast_float(v):
+  t = type(v)
+  return float(v) if (t is float or t is int) and math.isfinite(v) else None
+
+
+_ABSENT = object()
+
+
+def _column(name, user, items, loc, errors, convert, missing, fast) -> list:
+  """One field over a request's items (an item's value wins over the user's)."""
+  uv = user.get(name, _ABSENT)
+  if uv is not _ABSENT and uv is not None:
+    uv = convert(uv, [*loc, "user", name], errors)
+  if uv is _ABSENT or uv is None:
+    uv = missing
+  out = []
+  for j, item in enumerate(items):
+    v = item.get(name, _ABSENT)
+    if v is _ABSENT:
+      out.append(uv)
+    elif v is None:
+      out.append(missing)
+    else:
+      f = fast(v) if fast is not None else None
+      if f is None:
+        f = convert(v, [*loc, "items", j, name], errors)
+        if f is None:
+          f = missing
+      out.append(f)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+  """One validated request: `n` items, raw values per field, resolved scenario."""
+  n: int
+  columns: dict[str, list]
+  scenario: int
+  raw_scenario: str
+
+
 # ---------------------------------------------------------------------------- one version
 class ModelVersion:
   """One loaded export. Immutable once built: the server swaps whole versions."""
@@ -226,6 +271,7 @@ class ModelVersion:
     for name, rel in self.manifest.get("text_tables", {}).items():
       self.text_tables[name] = np.load(os.path.join(path, rel), allow_pickle=False)
     self._scenario_lookup = self._build_scenario_lookup()
+    self._scenario_values = np.array(sorted(self._scenario_lookup), dtype=str)
     if warm_up:
       for b in self.buckets:  # compile now, not on the first request after a swap
         self.score_arrays(self.empty_batch(b))
@@ -259,10 +305,12 @@ class ModelVersion:
     return out
 
   # -- encoding --------------------------------------------------------------------------
-  def parse(self, request: Any, loc: Sequence = ()) -> tuple[list[dict], int, str]:
-    """Validate one {'scenario', 'user', 'items'} request -> (rows, scenario index, raw).
+  def parse(self, request: Any, loc: Sequence = ()) -> "Parsed":
+    """Validate one {'scenario', 'user', 'items'} request into columns of raw values.
 
-    Raises RequestError listing every bad field; the server answers it with HTTP 422.
+    Raises RequestError listing every bad field; the server answers it with HTTP 422. Values
+    come out as the training data would have held them (strings, MISSING, floats, tuples), so
+    `encode` of many requests at once is a concatenation plus one transform call.
     """
     errors: list[dict] = []
     loc = list(loc)
@@ -299,69 +347,57 @@ class ModelVersion:
     if unknown:
       errors.append({"loc": loc, "msg": f"unknown keys {sorted(unknown)} (expected "
                                         "scenario, user, items)"})
-    rows = []
     for j, item in enumerate(items):
       if not isinstance(item, dict):
         errors.append({"loc": [*loc, "items", j], "msg": "expected an object of raw item "
                                                          "fields"})
-        continue
-      rows.append({**user, **item})
-      self._check_row(user, item, [*loc, "items", j], loc, errors)
     if errors:
       raise RequestError(errors)
-    return rows, hit[0], hit[1]
-
-  def _check_row(self, user, item, item_loc, loc, errors) -> None:
     c = self.columns
-    for name in (*c.categorical, *c.numeric, *c.multi):
-      src, where = (item, item_loc) if name in item else (user, [*loc, "user"])
-      if name not in src:
-        continue
-      if name in c.numeric:
-        _numeric(src[name], [*where, name], errors)
-      elif name in c.multi:
-        _multi(src[name], [*where, name], errors)
-      else:
-        _categorical(src[name], [*where, name], errors)
+    cols: dict[str, list] = {}
+    for name in c.categorical:
+      cols[name] = _column(name, user, items, loc, errors, _categorical, MISSING, _fast_str)
+    for name in c.numeric:
+      cols[name] = _column(name, user, items, loc, errors, _numeric, math.nan, _fast_float)
+    for name in c.multi:
+      cols[name] = _column(name, user, items, loc, errors, _multi, (), None)
+    if errors:
+      raise RequestError(errors)
+    return Parsed(len(items), cols, hit[0], hit[1])
 
-  def encode(self, groups: Sequence[tuple[list[dict], int, str]]) -> dict[str, np.ndarray]:
+  def encode(self, groups: Sequence["Parsed"]) -> dict[str, np.ndarray]:
     """Parsed requests -> one batch of model inputs (rows in request, then item order)."""
     c = self.columns
     sfield = self.transform.state["scenario"]["field"]
-    rows, scen, raw_s = [], [], []
-    for r, idx, raw in groups:
-      rows.extend(r)
-      scen.extend([idx] * len(r))
-      raw_s.extend([raw] * len(r))
-    n = len(rows)
-    errors: list[dict] = []  # parse() already checked every value; these stay empty
+    n = sum(g.n for g in groups)
     cols = {}
-    for name in c.numeric:
-      cols[name] = np.array([_numeric(r.get(name), [name], errors) for r in rows], np.float64)
-    for name in c.multi:
-      cols[name] = np.array([None] * n, dtype=object)
-      cols[name][:] = [_multi(r.get(name), [name], errors) for r in rows]
     for name in c.categorical:
-      cols[name] = np.array([_categorical(r.get(name), [name], errors) for r in rows],
-                            dtype=object)
+      cols[name] = np.array([v for g in groups for v in g.columns[name]], dtype=str)
+    for name in c.numeric:
+      cols[name] = np.array([v for g in groups for v in g.columns[name]], np.float64)
+    for name in c.multi:
+      col = cols[name] = np.empty(n, dtype=object)
+      for i, v in enumerate(v for g in groups for v in g.columns[name]):
+        col[i] = v  # element-wise: a slice assignment would unpack the tuples
     # The scenario field must map to a known scenario for the transform; the request's
     # scenario decides the index either way (a row's own value still feeds its features).
-    if sfield in cols and sfield not in c.numeric:
+    raw_s = np.array([g.raw_scenario for g in groups for _ in range(g.n)], dtype=str)
+    if sfield in c.categorical:
       col = cols[sfield]
-      known = np.array([v is not None and v in self._scenario_lookup for v in col.tolist()],
-                       bool)
-      col[~known] = np.asarray(raw_s, dtype=object)[~known]
-    elif sfield in cols:
+      known = np.isin(col, self._scenario_values)
+      if not known.all():
+        col = col.astype(object)
+        col[~known] = raw_s[~known]
+        cols[sfield] = col.astype(str)
+    elif sfield in c.numeric:
       col = cols[sfield]
-      bad = np.isnan(col) | np.array(
-          [_categorical(v, [], []) not in self._scenario_lookup for v in col.tolist()], bool)
-      col[bad] = [float(v) for v in np.asarray(raw_s, dtype=object)[bad]]
-    if errors:
-      raise RequestError(errors)
+      known = np.array([_categorical(v, [], []) in self._scenario_lookup
+                        for v in col.tolist()], bool)
+      col[~known] = raw_s[~known].astype(np.float64)
     table = RawTable(columns=cols, row_file=np.zeros(n, np.int32),
                      row_line=np.arange(1, n + 1, dtype=np.int64), files=["<request>"])
     arrays, _, _ = self.transform.apply(table, on_error="raise", require_label=False)
-    arrays["scenario"] = np.asarray(scen, np.int32)
+    arrays["scenario"] = np.array([g.scenario for g in groups for _ in range(g.n)], np.int32)
     return {k: arrays[k] for k in INPUT_KEYS}
 
   # -- scoring -----------------------------------------------------------------------------

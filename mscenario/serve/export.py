@@ -1,0 +1,212 @@
+"""`mscenario export`: a training work dir -> a self-contained, versioned predictor directory.
+
+The scoring function is serialised with `jax.export` once per batch-size bucket, with the
+weights as *arguments* (not baked-in constants): the file stays small, and a later version
+with the same shapes is served by the executables already compiled for the previous one.
+Nothing is pickled: weights go to safetensors under flat 'a/b/c' names, everything else JSON.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import re
+import shutil
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mscenario.errors import MscenarioError
+from mscenario.serve import DEFAULT_BUCKETS
+from mscenario.serve import predictor as pred_lib
+
+
+def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
+  """Placeholder rows: building the model needs example shapes, not the training data."""
+  max_len = max([f.max_len for f in schema.multi] or [0])
+  return {"sparse": np.zeros((n, len(schema.sparse)), np.int32),
+          "multi": np.zeros((n, len(schema.multi), max_len), np.int32),
+          "dense": np.zeros((n, schema.num_dense), np.float32),
+          "scenario": np.zeros(n, np.int32), "label": np.zeros(n, np.float32),
+          "user": np.zeros(n, np.int32), "item": np.zeros(n, np.int32)}
+
+
+def restore(workdir: str, checkpoint: str = "best"):
+  """(config, transform, setup, state, step) of a work dir's best (or latest) checkpoint."""
+  from mscenario import config as config_lib
+  from mscenario.data.prepare import PreparedData
+  from mscenario.data.transform import Transform
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import checkpoint as ckpt_lib
+  from mscenario.train import loop
+  for name in ("config.json", "transform.json"):
+    if not os.path.exists(os.path.join(workdir, name)):
+      raise MscenarioError(f"{workdir}/{name} is missing: is {workdir} the work dir of a "
+                           "training run?")
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = config_lib.from_json(f.read())
+  with open(os.path.join(workdir, "transform.json")) as f:
+    transform = Transform(json.load(f))
+  config.mesh.data, config.mesh.model = 1, 1  # export runs on one device
+  data = PreparedData(path="", arrays=_dummy_arrays(transform.schema, 8),
+                      splits={"predict": np.arange(8)}, transform=transform,
+                      meta={"fingerprint": ""})
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  setup = loop.build(config, data, mesh)
+  ckpts = ckpt_lib.Checkpoints(workdir, config.train.keep_checkpoints)
+  try:
+    restored = None
+    if checkpoint == "best":
+      restored = ckpts.restore_best(setup.abstract_state)
+    if restored is None:
+      restored = ckpts.restore_latest(setup.abstract_state)
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise MscenarioError(f"{workdir} holds no checkpoint yet; train first")
+  state = restored[0]
+  return config, transform, setup, state, int(state.step)
+
+
+def scoring_function(setup, sparse_mode: bool):
+  """score(weights, batch) with weights = flat {'params/...', 'model_state/...'} arrays."""
+  from mscenario.train.steps import make_eval_step
+  eval_step = make_eval_step(setup.model, setup.data.schema)
+
+  def score(weights, batch):
+    tree = pred_lib.unflatten(weights)
+    params = tree["params"]
+    embed = {}
+    if sparse_mode:  # the eval step gathers rows itself from state.embed['table']
+      params = dict(params)
+      emb = dict(params.pop("embedding"))
+      embed = {"table": emb.pop("table")}
+      if emb:
+        params["embedding"] = emb
+    return eval_step(params, tree.get("model_state", {}), embed, batch)
+
+  return score
+
+
+def _platforms() -> tuple[str, ...]:
+  """Lower for this backend plus CUDA where that lowering works, so one export serves both."""
+  here = jax.default_backend()
+  return (here,) if here != "cpu" else ("cpu", "cuda")
+
+
+def _next_version(out_dir: str) -> str:
+  vdir = os.path.join(out_dir, pred_lib.VERSIONS_DIR)
+  nums = [int(m.group(1)) for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
+          if (m := re.fullmatch(r"v(\d+)", d))]
+  return f"v{max(nums, default=0) + 1:04d}"
+
+
+def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config_json: str,
+                  transform_state: dict, model_name: str, source: dict,
+                  buckets=DEFAULT_BUCKETS, text_dir: str | None = None, keep: int = 5,
+                  log=print) -> str:
+  """Write one version (temp dir + rename), then point CURRENT at it (atomic replace)."""
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(os.path.join(out_dir, pred_lib.VERSIONS_DIR), exist_ok=True)
+  version = _next_version(out_dir)
+  tmp = os.path.join(out_dir, pred_lib.VERSIONS_DIR, f".tmp-{uuid.uuid4().hex}")
+  os.makedirs(os.path.join(tmp, "functions"))
+  try:
+    from safetensors.numpy import save_file
+    weights = {k: np.ascontiguousarray(np.asarray(v)) for k, v in weights.items()}
+    save_file(weights, os.path.join(tmp, "weights.safetensors"))
+    os.chmod(os.path.join(tmp, "weights.safetensors"), 0o644)
+    schema = pred_lib.Transform(transform_state).schema
+    manifest = {
+        "format": pred_lib.FORMAT, "format_version": pred_lib.FORMAT_VERSION,
+        "version": version, "model": model_name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, "jax": jax.__version__,
+        "inputs": {"sparse": len(schema.sparse),
+                   "multi": [len(schema.multi), max([f.max_len for f in schema.multi] or [0])],
+                   "dense": schema.num_dense},
+        "weights": "weights.safetensors", "functions": {}, "text_tables": {}}
+    w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+    platforms = _platforms()
+    for b in sorted(set(int(b) for b in buckets)):
+      b_spec = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+                for k, (shape, dt) in pred_lib.input_spec(manifest, b).items()}
+      try:
+        exported = jax.export.export(jax.jit(score), platforms=platforms)(w_spec, b_spec)
+      except Exception:  # noqa: BLE001 — an extra platform is a bonus, not a requirement
+        platforms = (jax.default_backend(),)
+        exported = jax.export.export(jax.jit(score), platforms=platforms)(w_spec, b_spec)
+      rel = f"functions/score_b{b}.jax"
+      with open(os.path.join(tmp, rel), "wb") as f:
+        f.write(exported.serialize())
+      manifest["functions"][str(b)] = rel
+    manifest["platforms"] = list(platforms)
+    if text_dir and os.path.isdir(text_dir):
+      files = sorted(glob.glob(os.path.join(text_dir, "*.npy")))
+      if files:
+        os.makedirs(os.path.join(tmp, "text"))
+      for p in files:
+        name = os.path.basename(p)
+        shutil.copy2(p, os.path.join(tmp, "text", name))
+        manifest["text_tables"][name[:-4]] = f"text/{name}"
+      if os.path.exists(os.path.join(text_dir, "index.json")):
+        shutil.copy2(os.path.join(text_dir, "index.json"), os.path.join(tmp, "text"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(config_json)
+    with open(os.path.join(tmp, "transform.json"), "w") as f:
+      json.dump(transform_state, f)
+    with open(os.path.join(tmp, pred_lib.MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=2)
+    final = os.path.join(out_dir, pred_lib.VERSIONS_DIR, version)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  cur_tmp = os.path.join(out_dir, f".{pred_lib.CURRENT_FILE}.{uuid.uuid4().hex}")
+  with open(cur_tmp, "w") as f:
+    f.write(version + "\n")
+  os.replace(cur_tmp, os.path.join(out_dir, pred_lib.CURRENT_FILE))
+  _prune(out_dir, keep, version)
+  log(f"export: wrote {final} ({len(manifest['functions'])} buckets "
+      f"{sorted(int(b) for b in manifest['functions'])}, platforms {list(platforms)}); "
+      f"{os.path.join(out_dir, pred_lib.CURRENT_FILE)} -> {version}")
+  return final
+
+
+def _prune(out_dir: str, keep: int, current: str) -> None:
+  """Keep the newest `keep` versions (a server holds the one it serves in memory)."""
+  if keep <= 0:
+    return
+  vdir = os.path.join(out_dir, pred_lib.VERSIONS_DIR)
+  names = sorted((d for d in os.listdir(vdir) if re.fullmatch(r"v\d+", d)),
+                 key=lambda d: int(d[1:]))
+  for d in names[:-keep]:
+    if d != current:
+      shutil.rmtree(os.path.join(vdir, d), ignore_errors=True)
+
+
+def state_weights(state) -> dict[str, np.ndarray]:
+  """Flat host arrays: all trainable params (table included, whichever mode) + model state."""
+  from mscenario.train.loop import all_params
+  tree = {"params": jax.device_get(all_params(state))}
+  model_state = jax.device_get(state.model_state)
+  if model_state:
+    tree["model_state"] = model_state
+  return pred_lib.flatten(tree)
+
+
+def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
+           checkpoint: str = "best", keep: int = 5, log=print) -> str:
+  """Export a work dir's best checkpoint as a new version of `out_dir`; returns its path."""
+  workdir = os.path.abspath(workdir)
+  config, transform, setup, state, step = restore(workdir, checkpoint)
+  sparse_mode = config.train.embed_update != "dense"
+  return write_version(
+      out_dir, weights=state_weights(state), score=scoring_function(setup, sparse_mode),
+      config_json=open(os.path.join(workdir, "config.json")).read(), transform_state=transform.state,
+      model_name=config.model.name,
+      source={"workdir": workdir, "step": step, "checkpoint": checkpoint},
+      buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep, log=log)
