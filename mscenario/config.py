@@ -75,6 +75,9 @@ def base_config() -> ConfigDict:
   c.data.split.ratios = (0.8, 0.1, 0.1)
   c.data.split.seed = -1           # -1 = use c.seed
   c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
+  # Cold-start / transfer protocols (applied after the split, seeded by the split seed):
+  c.data.cold_items = 0.0          # fraction of items held out entirely: all their rows -> test
+  c.data.holdout_scenario = ""     # scenario name whose rows all go to test (unseen scenario)
   # Synthetic generator (data.source='synthetic').
   c.data.synthetic = ConfigDict()
   c.data.synthetic.num_rows = 200_000
@@ -105,6 +108,17 @@ def base_config() -> ConfigDict:
   c.model.user_features = ()       # seed: user-side feature names; () = by name (user*, age …)
   c.model.item_features = ()       # seed: item-side names; () = every feature not user-side
   c.model.scenario_matmul = "grouped"  # star: grouped (rows packed per scenario) | dense (all S)
+  c.model.gate_gamma = 2.0          # pepnet: gate = gamma * sigmoid(.) (2 = neutral start at 1)
+  c.model.prior_features = ()      # pepnet: PPNet prior features; () = user_id, item_id
+  c.model.meta_dim = 32            # m2m: expert output / meta-unit width
+  c.model.meta_tower_layers = 2    # m2m: generated residual layers in the meta tower
+  c.model.transformer_layers = 1   # m2m: encoder blocks over the feature tokens
+  c.model.transformer_heads = 2    # m2m
+  c.model.pruner_alpha = 1.0       # adasparse: pi = beta * sigmoid(alpha * v), cut below epsilon
+  c.model.pruner_beta = 2.0        # adasparse
+  c.model.pruner_epsilon = 1e-2    # adasparse
+  c.model.debias_hidden = 16       # sarnet: width of the scenario debias network
+  c.model.balance_init = 1.0       # m3oe: initial logit of the domain balance / weight
 
   # ---- training -----------------------------------------------------------------------
   c.train = ConfigDict()
@@ -150,6 +164,10 @@ def base_config() -> ConfigDict:
   c.text.user_template = ""        # e.g. "{gender} user, age {age}"; "" = no user table
   c.text.batch_size = 64
   c.text.cache_dir = ""            # "" = <cache dir>/text
+  # Fusion into the models (mscenario/models/fusion.py): concat | gate | text_only | none.
+  c.text.fusion = "concat"
+  c.text.scenario_context = False  # scenario context from its description's embedding
+  c.text.item_vectors = ""         # .npy [item_vocab_size, d] or Parquet keyed by item id
   return c
 
 

@@ -87,6 +87,9 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
   cfg = data_cfg.to_dict()
   for k in ("root", "cache_dir"):
     cfg.pop(k, None)
+  for k, off in (("cold_items", 0.0), ("holdout_scenario", "")):  # off: caches stay valid
+    if cfg.get(k, off) == off:
+      cfg.pop(k, None)
   cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)
   cfg.get("table", {}).pop("test", None)
   h = hashlib.blake2b(digest_size=16)
@@ -102,6 +105,62 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
 
 # ---------------------------------------------------------------------------- splits
 def split_rows(table: RawTable, data_cfg, seed: int) -> dict[str, np.ndarray]:
+  """Row indices per split, then the cold-item / unseen-scenario holdouts moved to test."""
+  return _apply_holdouts(table, data_cfg, seed, _split_rows(table, data_cfg, seed))
+
+
+def cold_item_values(table: RawTable, data_cfg, seed: int) -> np.ndarray:
+  """The raw item ids held out entirely (`data.cold_items` of the distinct items, seeded)."""
+  frac = float(data_cfg.get("cold_items", 0.0) or 0.0)
+  if frac <= 0:
+    return np.asarray([], dtype=str)
+  if frac >= 1:
+    raise ConfigError(f"data.cold_items={frac}: expected a fraction in [0, 1)")
+  field = data_cfg.item_field
+  if field not in table.columns:
+    raise ConfigError(f"data.cold_items needs the item field '{field}' in the data")
+  items = np.unique(as_str_column(table.columns[field]))
+  k = int(round(frac * len(items)))
+  rng = np.random.default_rng([int(seed), 0xC01D])  # independent of the row split's stream
+  return np.sort(rng.choice(items, size=k, replace=False)) if k else items[:0]
+
+
+def _holdout_rows(table: RawTable, data_cfg, seed: int) -> np.ndarray:
+  """Mask of rows that may only be in test (cold items, the held-out scenario)."""
+  mask = np.zeros(table.num_rows, bool)
+  cold = cold_item_values(table, data_cfg, seed)
+  if len(cold):
+    mask |= np.isin(as_str_column(table.columns[data_cfg.item_field]), cold)
+  name = data_cfg.get("holdout_scenario", "") or ""
+  if name:
+    groups = data_cfg.scenario.groups
+    field = data_cfg.scenario.field
+    if field not in table.columns:
+      raise ConfigError(f"data.holdout_scenario needs the scenario field '{field}'")
+    values = as_str_column(table.columns[field])
+    if groups:
+      if name not in groups:
+        raise ConfigError(f"data.holdout_scenario={name!r}: not a scenario (scenarios: "
+                          f"{sorted(groups.keys())})")
+      mask |= np.isin(values, [str(v) for v in groups[name]])
+    else:
+      if not (values == name).any():
+        raise ConfigError(f"data.holdout_scenario={name!r}: no rows have {field} == {name!r}")
+      mask |= values == name
+  return mask
+
+
+def _apply_holdouts(table, data_cfg, seed, splits) -> dict[str, np.ndarray]:
+  mask = _holdout_rows(table, data_cfg, seed)
+  if not mask.any():
+    return splits
+  held = np.flatnonzero(mask)
+  return {"train": splits["train"][~mask[splits["train"]]],
+          "valid": splits["valid"][~mask[splits["valid"]]],
+          "test": np.union1d(splits["test"], held)}
+
+
+def _split_rows(table: RawTable, data_cfg, seed: int) -> dict[str, np.ndarray]:
   n = table.num_rows
   if "__split__" in table.columns:  # the source came pre-split (separate files)
     col = as_str_column(table.columns["__split__"])
@@ -214,6 +273,10 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
     merged[k] = merged.get(k, 0) + v
   skipped = merged
   meta = _summary(arrays, splits, transform, skipped, fp, data_cfg, table)
+  cold = cold_item_values(table, data_cfg, seed)
+  if len(cold):  # item vocabulary ids of the held-out items, for the cold_items report
+    is_cold = np.isin(as_str_column(table.columns[data_cfg.item_field])[keep], cold)
+    meta["cold_items"] = np.unique(arrays["item"][is_cold]).astype(int).tolist()
   texts = _item_texts(table, keep, arrays["item"], data_cfg)
   _write(path, arrays, splits, transform, meta, texts)
   log(f"data: prepared {meta['num_rows']:,} rows in {time.time() - t0:.1f}s -> {path}")

@@ -76,10 +76,17 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   """(embeddings [B, F, E], dense [B, D]) for a batch; call inside a compact method.
 
   Creates the EmbeddingCollection under the name 'embedding' so every model's table lives
-  at params['embedding']['table'] (the trainer gives that path its own optimizer).
+  at params['embedding']['table'] (the trainer gives that path its own optimizer). A
+  `fusion.TextSchema` adds the language-model features (models/fusion.py) as extra or
+  replaced feature slots, so every model gets them without knowing about text.
   """
-  emb = EmbeddingCollection(schema, embed_dim, init_std, name="embedding")(
+  text = getattr(schema, "text", None)
+  base = schema.base if text is not None else schema
+  emb = EmbeddingCollection(base, embed_dim, init_std, name="embedding")(
       batch["sparse"], batch["multi"], batch.get("embedding_rows"))
+  if text is not None:
+    from mscenario.models.fusion import TextFusion
+    emb = TextFusion(text, embed_dim, len(base.sparse), name="text_fusion")(emb, batch)
   return emb, batch["dense"].astype(jnp.float32)
 
 

@@ -29,10 +29,21 @@ def _restore(setup, workdir: str):
   return restored[0]
 
 
+def _text_tables(config, workdir: str, data):
+  """The text tables the run was trained with (<workdir>/text), when text is enabled."""
+  if not config.text.enabled:
+    return None
+  from mscenario.models.fusion import with_item_vectors
+  from mscenario.text.tables import load_text_tables
+  return with_item_vectors(config, load_text_tables(workdir), data.transform.state,
+                           data.schema.item_vocab_size)
+
+
 def evaluate_workdir(config, workdir: str, split: str = "test") -> dict:
   from mscenario.metrics import format_table
   data = loop.load_data(config)
-  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
+                     _text_tables(config, workdir, data))
   state = _restore(setup, workdir)
   results = loop.evaluate_split(setup, state, split)
   if jax.process_index() == 0:
@@ -65,7 +76,8 @@ def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.
     raise MscenarioError(f"{input_path}: no rows to score")
   data = PreparedData(path="", arrays=arrays, splits={"predict": np.arange(n)},
                       transform=transform, meta={"fingerprint": "", "skipped": skipped})
-  setup = loop.build(cfg, data, mesh_lib.make_mesh(cfg.mesh))
+  setup = loop.build(cfg, data, mesh_lib.make_mesh(cfg.mesh),
+                     _text_tables(cfg, workdir, data))
   state = _restore(setup, workdir)
   probs = loop.predict(setup, state, "predict")
   names = transform.schema.scenario_names

@@ -126,10 +126,20 @@ def opt_state_shardings(opt_state, params, param_shardings, default):
   return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
-def build(config, data: PreparedData, mesh) -> Setup:
+def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> Setup:
+  """`text_tables` ('items', 'scenarios' arrays): required when config.text.enabled; they
+  become the frozen, row-sharded 'text' collection of the model's variables."""
+  from mscenario.models import fusion
   from mscenario.models.registry import build_model
   from mscenario.train import sparse
-  model = build_model(config.model, data.schema)
+  model_schema, text_values = data.schema, None
+  if config.text.enabled:
+    if text_tables is None:
+      raise MscenarioError("config.text.enabled needs the text tables (loop.train encodes "
+                           "them; or run `mscenario encode`)")
+    model_schema = fusion.text_schema(config, data.schema, text_tables)
+    text_values = fusion.table_values(model_schema.text, text_tables)
+  model = build_model(config.model, model_schema)
   schema = data.schema
   embed_update = config.train.embed_update
   sparse_mode = embed_update != "dense"
@@ -201,7 +211,8 @@ def build(config, data: PreparedData, mesh) -> Setup:
                                       param_shardings, rep)
   state_shardings = TrainState(
       step=rep, params=param_shardings,
-      model_state={k: jax.tree_util.tree_map(lambda _: rep, v)
+      model_state={k: (var_shardings[k] if k == fusion.TEXT_COLLECTION
+                       else jax.tree_util.tree_map(lambda _: rep, v))
                    for k, v in abstract_state.model_state.items()},
       opt_state=opt_shardings, rng=rep, embed=embed_shardings)
   bs = mesh_lib.batch_sharding(mesh)
@@ -216,8 +227,25 @@ def build(config, data: PreparedData, mesh) -> Setup:
                       out_shardings=rep)
   abstract = ckpt_lib.abstract_like(abstract_state, state_shardings)
   create = jax.jit(create_state, out_shardings=state_shardings)
+  if text_values is not None:
+    create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
                eval_step, abstract, create)
+
+
+def _with_text_tables(create, values: dict, model_state_shardings):
+  """Wraps create_state: the zero-initialised 'text' tables get their values, placed
+  shard by shard (works across processes; no table baked into the jitted init)."""
+  def fill(path, sharding):
+    arr = values[_path_names(path)[-1]]
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+  def create_with_text():
+    from mscenario.models.fusion import TEXT_COLLECTION
+    state = create()
+    text = jax.tree_util.tree_map_with_path(fill, model_state_shardings[TEXT_COLLECTION])
+    return state.replace(model_state={**state.model_state, TEXT_COLLECTION: text})
+  return create_with_text
 
 
 def embedding_table(state: TrainState) -> jax.Array:
@@ -270,6 +298,21 @@ def evaluate_split(setup: Setup, state: TrainState, split: str,
       np.asarray(arrays["scenario"][idx]), list(setup.data.schema.scenario_names),
       setup.config.train.threshold, truth=truth)
   return {"split": split, **result}
+
+
+def cold_item_metrics(setup: Setup, probs: np.ndarray, split: str = "test") -> dict:
+  """Metrics (the keys of 'overall') on the rows of held-out items (data.cold_items)."""
+  from mscenario.metrics import evaluate_by_scenario
+  idx = setup.data.splits[split]
+  arrays = setup.data.arrays
+  m = np.isin(np.asarray(arrays["item"][idx]), setup.data.meta["cold_items"])
+  if not m.any():
+    return {}
+  truth = np.asarray(arrays["truth"][idx])[m] if "truth" in arrays else None
+  return evaluate_by_scenario(
+      np.asarray(arrays["label"][idx])[m], probs[m], np.asarray(arrays["user"][idx])[m],
+      np.asarray(arrays["scenario"][idx])[m], list(setup.data.schema.scenario_names),
+      setup.config.train.threshold, truth=truth)["overall"]
 
 
 def _round_batch(size: int, mesh) -> int:
@@ -357,7 +400,11 @@ def train(config, workdir: str, *, log=print) -> dict:
     log = lambda *_: None  # noqa: E731
   data = load_data(config, log)
   mesh = mesh_lib.make_mesh(config.mesh)
-  setup = build(config, data, mesh)
+  text_tables = None
+  if config.text.enabled:
+    from mscenario.models.fusion import prepare_text_tables
+    text_tables = prepare_text_tables(config, workdir, data, log=log)
+  setup = build(config, data, mesh, text_tables)
   write_run_info(config, workdir, data)
   tc = config.train
   batch_size = _round_batch(tc.batch_size, mesh)
@@ -489,6 +536,8 @@ def final_report(setup, ckpts, workdir: str, log=print) -> dict:
   results["data_fingerprint"] = setup.data.fingerprint
   skipped = setup.data.meta.get("skipped") or {}
   results["skipped_rows"] = skipped
+  if setup.data.meta.get("cold_items"):
+    results["cold_items"] = cold_item_metrics(setup, probs)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)

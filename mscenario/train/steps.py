@@ -28,13 +28,17 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax
 
 
 def _apply(model, params, model_state, batch, train, rng):
-  """Model forward; returns (logits, updated model_state)."""
-  mutable = list(model_state.keys()) if train else False
+  """Model forward; returns (logits, updated model_state).
+
+  Only 'batch_stats' is mutable: other collections (the frozen 'text' tables) pass
+  through unchanged, so training can never write to them.
+  """
+  mutable = [k for k in model_state if k == "batch_stats"] if train else False
   variables = {"params": params, **model_state}
   if mutable:
     logits, new_state = model.apply(variables, batch, train=True, rngs={"dropout": rng},
                                     mutable=mutable)
-    return logits, new_state
+    return logits, {**model_state, **new_state}
   rngs = {"dropout": rng} if rng is not None else None
   return model.apply(variables, batch, train=train, rngs=rngs), model_state
 

@@ -1,0 +1,261 @@
+"""Fusing frozen text (or any per-item vector) tables into every model's features.
+
+The language model's item and scenario embeddings reach the models through the same
+`embed_batch` / `model_input` every model already calls, so no model needs to know about
+text. A `TextSchema` (a FeatureSchema carrying a `TextSpec`) switches fusion on:
+
+  concat     item slot kept; a learned projection of the item's text is an extra feature
+             slot 'text:item'
+  gate       item slot = g * id_emb + (1 - g) * proj(text), g = sigmoid(w·[id_emb, proj]+b)
+             per row, so rare ids (near-init embeddings) can lean on text
+  text_only  item slot = proj(text); the item id embedding is not used (cold start)
+  none       no item text (scenario context only)
+  scenario_context=True adds a slot 'text:scenario' = proj(scenario description
+             embedding), so a scenario never seen in training is scored from its text.
+
+Extra slots are declared as zero-row "virtual" sparse features of the TextSchema, so models
+that pick features by name (seed's user/item sides) see them like any other feature. The
+tables live in the non-trainable 'text' collection, row-sharded like the id table
+(logical axes ('vocab', 'embed')), and are padded to TABLE_ROW_ALIGN rows so they split
+evenly over the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mscenario.data.schema import TABLE_ROW_ALIGN, FeatureSchema, SparseFeature
+from mscenario.errors import ConfigError, MscenarioError
+
+FUSIONS = ("concat", "gate", "text_only", "none")
+TEXT_COLLECTION = "text"
+TEXT_AXES = ("vocab", "embed")
+ITEM_SLOT = "text:item"
+SCENARIO_SLOT = "text:scenario"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+  """Static description of the fused tables (hashable: it is a module field)."""
+  fusion: str = "concat"
+  item_dim: int = 0            # width of the item table (text dim + item_vectors dim)
+  item_rows: int = 0           # padded rows of the item table (>= item_vocab_size)
+  scenario_context: bool = False
+  scenario_dim: int = 0
+  scenario_rows: int = 0
+  item_slot: int = -1          # index of the item id feature among the base sparse features
+
+  @property
+  def uses_items(self) -> bool:
+    return self.fusion != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSchema(FeatureSchema):
+  """A FeatureSchema whose `sparse` also lists the virtual text slots (vocab_size 0).
+
+  The id table's layout (offsets, rows) stays the base schema's: virtual slots own no rows.
+  """
+  base: FeatureSchema | None = None
+  text: TextSpec | None = None
+
+  @property
+  def embedding_offsets(self) -> tuple[int, ...]:
+    return self.base.embedding_offsets
+
+  @property
+  def total_embedding_rows(self) -> int:
+    return self.base.total_embedding_rows
+
+  @property
+  def table_rows(self) -> int:
+    return self.base.table_rows
+
+
+def padded_rows(n: int) -> int:
+  return max(1, -(-n // TABLE_ROW_ALIGN)) * TABLE_ROW_ALIGN
+
+
+def item_feature_index(schema: FeatureSchema, config) -> int:
+  """Index of the sparse feature holding the item id (column == data.item_field), or -1."""
+  field = config.data.item_field
+  by_column = {spec.get("column", name): name for name, spec in config.data.features.items()
+               if spec.get("kind") == "sparse"}
+  name = by_column.get(field, field)
+  names = [f.name for f in schema.sparse]
+  return names.index(name) if name in names else -1
+
+
+def text_schema(config, schema: FeatureSchema, tables: dict) -> TextSchema:
+  """The model schema for `config.text` given the loaded tables ('items', 'scenarios')."""
+  tc = config.text
+  fusion = tc.get("fusion", "concat")
+  if fusion not in FUSIONS:
+    raise ConfigError(f"text.fusion={fusion!r}: expected one of {', '.join(FUSIONS)}")
+  scenario_context = bool(tc.get("scenario_context", False))
+  item_slot = item_feature_index(schema, config)
+  if fusion in ("gate", "text_only") and item_slot < 0:
+    raise ConfigError(f"text.fusion={fusion!r} replaces the item id feature, but no sparse "
+                      f"feature reads the item field '{config.data.item_field}'")
+  items, scen = tables.get("items"), tables.get("scenarios")
+  if fusion != "none" and items is None:
+    raise MscenarioError("text fusion needs an 'items' table")
+  if scenario_context and scen is None:
+    raise MscenarioError("text.scenario_context needs a 'scenarios' table")
+  if items is not None and items.shape[0] < schema.item_vocab_size:
+    raise MscenarioError(f"the item table has {items.shape[0]} rows but the item vocabulary "
+                         f"has {schema.item_vocab_size}: re-run `mscenario encode`")
+  if scen is not None and scenario_context and scen.shape[0] != schema.num_scenarios:
+    raise MscenarioError(f"the scenario table has {scen.shape[0]} rows for "
+                         f"{schema.num_scenarios} scenarios: re-run `mscenario encode`")
+  spec = TextSpec(
+      fusion=fusion,
+      item_dim=int(items.shape[1]) if fusion != "none" else 0,
+      item_rows=padded_rows(items.shape[0]) if fusion != "none" else 0,
+      scenario_context=scenario_context,
+      scenario_dim=int(scen.shape[1]) if scenario_context else 0,
+      scenario_rows=padded_rows(scen.shape[0]) if scenario_context else 0,
+      item_slot=item_slot)
+  return make_text_schema(schema, spec)
+
+
+def make_text_schema(schema: FeatureSchema, spec: TextSpec) -> TextSchema:
+  extra = []
+  if spec.fusion == "concat":
+    extra.append(SparseFeature(ITEM_SLOT, 0))
+  if spec.scenario_context:
+    extra.append(SparseFeature(SCENARIO_SLOT, 0))
+  return TextSchema(sparse=tuple(schema.sparse) + tuple(extra), multi=schema.multi,
+                    dense=schema.dense, scenario_names=schema.scenario_names,
+                    user_vocab_size=schema.user_vocab_size,
+                    item_vocab_size=schema.item_vocab_size, base=schema, text=spec)
+
+
+def table_values(spec: TextSpec, tables: dict) -> dict:
+  """Tables padded to the spec's rows: the values of the 'text' collection (float32)."""
+  out = {}
+  if spec.uses_items:
+    out["items"] = _pad(tables["items"], spec.item_rows)
+  if spec.scenario_context:
+    out["scenarios"] = _pad(tables["scenarios"], spec.scenario_rows)
+  return out
+
+
+def _pad(a: np.ndarray, rows: int) -> np.ndarray:
+  a = np.asarray(a, np.float32)
+  out = np.zeros((rows, a.shape[1]), np.float32)
+  out[: a.shape[0]] = a
+  return out
+
+
+# ---------------------------------------------------------------------------- module
+def _zeros(shape):
+  return jnp.zeros(shape, jnp.float32)
+
+
+class TextFusion(nn.Module):
+  """emb [B, S + M, E] (base sparse slots, then pooled multi) -> fused embeddings."""
+  spec: TextSpec
+  embed_dim: int
+  n_sparse: int
+
+  @nn.compact
+  def __call__(self, emb: jax.Array, batch: dict) -> jax.Array:
+    spec = self.spec
+    init = nn.with_logical_partitioning(_zeros, TEXT_AXES)
+    sparse, multi = emb[:, : self.n_sparse], emb[:, self.n_sparse:]
+    extra = []
+    if spec.uses_items:
+      if "item" not in batch:
+        raise MscenarioError("text fusion needs batch['item'] (item vocabulary ids)")
+      items = self.variable(TEXT_COLLECTION, "items", init, (spec.item_rows, spec.item_dim))
+      text = jnp.take(items.value, batch["item"].astype(jnp.int32), axis=0)
+      proj = nn.Dense(self.embed_dim, name="item_proj")(text).astype(emb.dtype)
+      if spec.fusion == "concat":
+        extra.append(proj)
+      else:
+        k = spec.item_slot
+        if spec.fusion == "gate":
+          ids = sparse[:, k]
+          g = nn.sigmoid(nn.Dense(1, name="gate")(jnp.concatenate([ids, proj], axis=1)))
+          self.sow("intermediates", "gate_value", g[:, 0])
+          fused = g * ids + (1.0 - g) * proj
+        else:  # text_only: the id embedding is dropped
+          fused = proj
+        sparse = sparse.at[:, k].set(fused)
+    if spec.scenario_context:
+      scen = self.variable(TEXT_COLLECTION, "scenarios", init,
+                           (spec.scenario_rows, spec.scenario_dim))
+      text = jnp.take(scen.value, batch["scenario"].astype(jnp.int32), axis=0)
+      extra.append(nn.Dense(self.embed_dim, name="scenario_proj")(text).astype(emb.dtype))
+    return jnp.concatenate([sparse, *(e[:, None] for e in extra), multi], axis=1)
+
+
+# ---------------------------------------------------------------------------- loading
+def load_item_vectors(path: str, item_vocab: list[str], num_rows: int,
+                      id_column: str = "") -> np.ndarray:
+  """Per-item vectors [num_rows, d] from a .npy (one row per item vocabulary id) or a
+  Parquet file keyed by raw item id (a list column, or numeric columns); missing -> 0."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"text.item_vectors={path!r}: no such file")
+  if path.endswith(".npy"):
+    a = np.load(path).astype(np.float32)
+    if a.ndim != 2 or a.shape[0] != num_rows:
+      raise ConfigError(f"{path}: expected shape [{num_rows}, d] (one row per item "
+                        f"vocabulary id, PAD and OOV included), got {list(a.shape)}")
+    return a
+  import pyarrow.parquet as pq
+  t = pq.read_table(path).to_pydict()
+  key = id_column if id_column in t else next(iter(t))
+  cols = [c for c in t if c != key]
+  if len(cols) == 1 and t[cols[0]] and isinstance(t[cols[0]][0], (list, tuple, np.ndarray)):
+    vecs = np.asarray(t[cols[0]], np.float32)
+  else:
+    vecs = np.stack([np.asarray(t[c], np.float32) for c in cols], axis=1)
+  out = np.zeros((num_rows, vecs.shape[1]), np.float32)
+  vocab = {v: i + 2 for i, v in enumerate(item_vocab)}
+  for raw, v in zip(t[key], vecs):
+    i = vocab.get(str(raw))
+    if i is not None:
+      out[i] = v
+  return out
+
+
+def prepare_text_tables(config, workdir: str, data, *, log=print) -> dict:
+  """Encode (process 0, when `<workdir>/text` is missing or stale) and load the tables,
+  with `text.item_vectors` appended to the item table."""
+  from mscenario.text.tables import INDEX_FILE, TEXT_DIR, encode_for_config, load_text_tables
+  index = os.path.join(workdir, TEXT_DIR, INDEX_FILE)
+  if jax.process_index() == 0:
+    fresh = False
+    if os.path.isfile(index):
+      with open(index) as f:
+        fresh = json.load(f).get("data_fingerprint") == data.fingerprint
+    if not fresh:
+      encode_for_config(config, workdir, log=log)
+    else:
+      log(f"text: reusing tables in {os.path.dirname(index)}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mscenario-text")
+  return with_item_vectors(config, load_text_tables(workdir), data.transform.state,
+                           data.schema.item_vocab_size)
+
+
+def with_item_vectors(config, tables: dict, transform_state: dict, num_rows: int) -> dict:
+  path = config.text.get("item_vectors", "")
+  if not path:
+    return tables
+  vecs = load_item_vectors(path, transform_state.get("item_vocab", []), num_rows,
+                           config.data.item_field)
+  items = tables.get("items")
+  tables = dict(tables)
+  tables["items"] = vecs if items is None else np.concatenate(
+      [np.asarray(items, np.float32)[:num_rows], vecs], axis=1)
+  return tables

@@ -1,0 +1,243 @@
+"""Text fusion in the models (concat / gate / text_only / scenario context), the frozen
+row-sharded 'text' collection, and the cold-item / unseen-scenario splits."""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mscenario.config import load_config
+from mscenario.models import build_model
+from mscenario.models.fusion import (ITEM_SLOT, SCENARIO_SLOT, TextSpec, make_text_schema,
+                                     padded_rows)
+from tests.helpers import SYNTHETIC, TINY
+from tests.test_models import SCHEMA, make_batch, model_cfg
+
+TEXT_DIM = 6
+NUM_ITEMS = 40  # item vocabulary ids of SCHEMA's item_id feature, reused as batch['item']
+
+
+def _tables(seed=0):
+  r = np.random.default_rng(seed)
+  return {"items": r.normal(size=(NUM_ITEMS, TEXT_DIM)).astype(np.float32),
+          "scenarios": r.normal(size=(SCHEMA.num_scenarios, TEXT_DIM)).astype(np.float32)}
+
+
+def _spec(fusion, scenario_context=False):
+  return TextSpec(fusion=fusion, item_dim=TEXT_DIM if fusion != "none" else 0,
+                  item_rows=padded_rows(NUM_ITEMS) if fusion != "none" else 0,
+                  scenario_context=scenario_context,
+                  scenario_dim=TEXT_DIM if scenario_context else 0,
+                  scenario_rows=padded_rows(SCHEMA.num_scenarios) if scenario_context else 0,
+                  item_slot=1)
+
+
+def _batch(**kw):
+  b = make_batch(**kw)
+  b["item"] = b["sparse"][:, 1]
+  return b
+
+
+def _with_tables(variables, spec, tables):
+  text = {}
+  if spec.fusion != "none":
+    items = np.zeros((spec.item_rows, TEXT_DIM), np.float32)
+    items[:NUM_ITEMS] = tables["items"]
+    text["items"] = jnp.asarray(items)
+  if spec.scenario_context:
+    sc = np.zeros((spec.scenario_rows, TEXT_DIM), np.float32)
+    sc[: SCHEMA.num_scenarios] = tables["scenarios"]
+    text["scenarios"] = jnp.asarray(sc)
+  return {**variables, "text": {"text_fusion": text}}
+
+
+def _model(name, fusion, scenario_context=False, **overrides):
+  spec = _spec(fusion, scenario_context)
+  model = build_model(model_cfg(name, **overrides), make_text_schema(SCHEMA, spec))
+  return model, spec
+
+
+def _init(model, batch):
+  return nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch, train=False))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gate", "text_only"])
+def test_fusion_modes_use_the_text_table(fusion):
+  batch = _batch()
+  model, spec = _model("sharedbottom", fusion)
+  variables = _init(model, batch)
+  assert variables["text"]["text_fusion"]["items"].shape == (256, TEXT_DIM)
+  assert "item_proj" in variables["params"]["text_fusion"]
+  a = model.apply(_with_tables(variables, spec, _tables(0)), batch)
+  b = model.apply(_with_tables(variables, spec, _tables(1)), batch)
+  assert bool(jnp.isfinite(a).all()) and not np.allclose(a, b)
+  # The default (no TextSchema) model has none of it.
+  plain = build_model(model_cfg("sharedbottom"), SCHEMA)
+  assert "text" not in _init(plain, batch)
+
+
+@pytest.mark.parametrize("name", ["seed", "sharedbottom", "mmoe", "ple", "star"])
+def test_every_model_takes_text_slots(name):
+  batch = _batch()
+  model, spec = _model(name, "concat", scenario_context=True)
+  assert [f.name for f in model.schema.sparse][-2:] == [ITEM_SLOT, SCENARIO_SLOT]
+  assert model.schema.table_rows == SCHEMA.table_rows  # virtual slots own no id rows
+  variables = _with_tables(_init(model, batch), spec, _tables())
+  assert variables["params"]["embedding"]["table"].shape == (SCHEMA.table_rows, 4)
+  logits = model.apply(variables, batch)
+  assert logits.shape == (32,) and bool(jnp.isfinite(logits).all())
+  other = model.apply(_with_tables(variables, spec, _tables(1)), batch)
+  assert not np.allclose(logits, other)
+
+
+def test_gate_values_in_unit_interval():
+  batch = _batch()
+  model, spec = _model("star", "gate")
+  variables = _with_tables(_init(model, batch), spec, _tables())
+  _, inter = model.apply(variables, batch, mutable=["intermediates"])
+  gate = np.asarray(inter["intermediates"]["text_fusion"]["gate_value"][0])
+  assert gate.shape == (32,) and ((gate > 0) & (gate < 1)).all()
+
+
+def test_text_only_ignores_the_item_id():
+  batch = _batch()
+  model, spec = _model("mmoe", "text_only")
+  tables = _tables()
+  tables["items"][7] = tables["items"][9]  # two items with the same text
+  variables = _with_tables(_init(model, batch), spec, tables)
+  a = {**batch, "sparse": batch["sparse"].at[:, 1].set(7), "item": jnp.full(32, 7, jnp.int32)}
+  b = {**batch, "sparse": batch["sparse"].at[:, 1].set(9), "item": jnp.full(32, 9, jnp.int32)}
+  np.testing.assert_array_equal(model.apply(variables, a), model.apply(variables, b))
+  c = {**b, "item": jnp.full(32, 3, jnp.int32)}  # different text: different scores
+  assert not np.allclose(model.apply(variables, a), model.apply(variables, c))
+
+
+def test_unseen_scenario_scored_from_its_description():
+  batch = _batch(scenario=np.repeat([0, 1, 2], [11, 11, 10]))
+  model, spec = _model("seed", "none", scenario_context=True)
+  variables = _init(model, batch)
+  tables = _tables()
+  a = model.apply(_with_tables(variables, spec, tables), batch)
+  tables["scenarios"][2] = np.random.default_rng(5).normal(size=TEXT_DIM)  # new description
+  b = model.apply(_with_tables(variables, spec, tables), batch)
+  assert bool(jnp.isfinite(b).all())
+  np.testing.assert_array_equal(a[:22], b[:22])
+  assert not np.allclose(a[22:], b[22:])
+
+
+# ---------------------------------------------------------------------------- trainer
+def _synthetic_config(tmp_path, *overrides):
+  return load_config(SYNTHETIC, [*TINY, "--config.data.synthetic.num_rows=4000",
+                                 f"--config.data.cache_dir={tmp_path / 'cache'}",
+                                 *overrides])
+
+
+def test_text_collection_frozen_and_row_sharded(tmp_path):
+  from mscenario.data.prepare import prepare
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  config = _synthetic_config(tmp_path, "--config.text.enabled=true",
+                             "--config.text.fusion=gate", "--config.text.scenario_context=true")
+  data = prepare(config, log=lambda *_: None)
+  r = np.random.default_rng(0)
+  tables = {"items": r.normal(size=(data.schema.item_vocab_size, 8)).astype(np.float32),
+            "scenarios": r.normal(size=(data.schema.num_scenarios, 8)).astype(np.float32)}
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
+  shardings = setup.state_shardings.model_state["text"]["text_fusion"]
+  assert shardings["items"].spec == P("model", None)
+  assert shardings["scenarios"].spec == P("model", None)
+  state = setup.create_state()
+  items = np.asarray(state.model_state["text"]["text_fusion"]["items"])
+  np.testing.assert_array_equal(items[: len(tables["items"])], tables["items"])
+  before = jax.tree.map(np.asarray, state.model_state["text"])
+  params_before = jax.tree.map(np.asarray, state.params)
+  batch = loop.example_batch(data, 512)
+  state, metrics = setup.train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  after = jax.tree.map(np.asarray, state.model_state["text"])
+  jax.tree.map(np.testing.assert_array_equal, before, after)  # bit-identical
+  assert "text" not in state.params
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params_before,
+                       jax.tree.map(np.asarray, state.params))
+  assert moved["text_fusion"]["item_proj"]["kernel"] and moved["text_fusion"]["gate"]["kernel"]
+  assert "batch_stats" in state.model_state
+
+
+def _prepared(tmp_path, *overrides):
+  from mscenario.data.prepare import prepare
+  return prepare(_synthetic_config(tmp_path, *overrides), log=lambda *_: None)
+
+
+def test_cold_items_split_holds_items_out_reproducibly(tmp_path):
+  data = _prepared(tmp_path / "a", "--config.data.cold_items=0.1")
+  cold = np.asarray(data.meta["cold_items"])
+  items = np.asarray(data.arrays["item"])
+  n_items = len(np.unique(items))
+  assert abs(len(cold) - 0.1 * n_items) <= 1
+  for split in ("train", "valid"):
+    assert not np.isin(items[data.splits[split]], cold).any()
+  test_items = items[data.splits["test"]]
+  assert np.isin(cold, test_items).all()  # every row of a cold item went to test
+  assert np.isin(items, cold).sum() == np.isin(test_items, cold).sum()
+  again = _prepared(tmp_path / "b", "--config.data.cold_items=0.1")
+  assert again.meta["cold_items"] == data.meta["cold_items"]
+  other = _prepared(tmp_path / "c", "--config.data.cold_items=0.1", "--config.seed=7")
+  assert other.meta["cold_items"] != data.meta["cold_items"]
+  plain = _prepared(tmp_path / "a")  # the default keeps the old cache key and split
+  assert "cold_items" not in plain.meta and plain.fingerprint != data.fingerprint
+
+
+def test_holdout_scenario_only_in_test(tmp_path):
+  data = _prepared(tmp_path, "--config.data.holdout_scenario=s1")
+  s1 = list(data.schema.scenario_names).index("s1")
+  sc = np.asarray(data.arrays["scenario"])
+  for split in ("train", "valid"):
+    assert not (sc[data.splits[split]] == s1).any()
+  assert (sc[data.splits["test"]] == s1).sum() == (sc == s1).sum() > 0
+
+
+def test_train_with_text_reports_cold_items(tmp_path):
+  """End to end: `train` encodes with a tiny BERT, fuses, reports cold_items; eval agrees."""
+  from mscenario import cli
+  from tests.test_text import _write_tiny_model
+  model_dir = str(tmp_path / "bert")
+  _write_tiny_model(model_dir)
+  workdir = str(tmp_path / "run")
+  args = [*TINY, "--config.data.synthetic.num_rows=6000", "--config.train.epochs=1",
+          "--config.text.enabled=true", "--config.text.fusion=gate",
+          f"--config.text.model_path={model_dir}", "--config.data.cold_items=0.1"]
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert set(results["cold_items"]) == set(results["overall"])
+  assert 0 < results["cold_items"]["n"] < results["overall"]["n"]
+  assert os.path.isfile(os.path.join(workdir, "text", "items.npy"))
+  assert cli.main(["eval", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  with open(os.path.join(workdir, "eval_test.json")) as f:
+    assert json.load(f)["overall"]["auc"] == pytest.approx(results["overall"]["auc"], abs=1e-6)
+
+
+def test_item_vectors_from_npy_and_parquet(tmp_path):
+  """Other modalities: per-item vectors keyed by vocabulary id (.npy) or raw id (Parquet)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from mscenario.errors import ConfigError
+  from mscenario.models.fusion import load_item_vectors
+  vocab = ["10", "20", "30"]  # raw ids -> vocabulary ids 2, 3, 4
+  vecs = np.arange(10, dtype=np.float32).reshape(5, 2)
+  np.save(tmp_path / "v.npy", vecs)
+  np.testing.assert_array_equal(load_item_vectors(str(tmp_path / "v.npy"), vocab, 5), vecs)
+  with pytest.raises(ConfigError, match="one row per item"):
+    load_item_vectors(str(tmp_path / "v.npy"), vocab, 6)
+  pq.write_table(pa.table({"item_id": [30, 10, 99], "vec": [[1.0, 2.0], [3.0, 4.0],
+                                                            [5.0, 6.0]]}),
+                 tmp_path / "v.parquet")
+  out = load_item_vectors(str(tmp_path / "v.parquet"), vocab, 5, "item_id")
+  np.testing.assert_array_equal(out, [[0, 0], [0, 0], [3, 4], [0, 0], [1, 2]])
