@@ -25,7 +25,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ML1M = "/work/shared/data/movielens/ml-1m"
+ML1M = os.path.join(os.path.dirname(REPO), "shared", "data", "movielens", "ml-1m")
 
 
 def variant_overrides(variant: str) -> list[str]:
