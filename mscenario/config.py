@@ -74,6 +74,8 @@ def base_config() -> ConfigDict:
   c.data.split.kind = "random"     # random | temporal | leave_last_out
   c.data.split.ratios = (0.8, 0.1, 0.1)
   c.data.split.seed = -1           # -1 = use c.seed
+  c.data.history = ConfigDict()
+  c.data.history.length = 0        # K previous events per row (data/history.py); 0 = none
   c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
   # Cold-start / transfer protocols (applied after the split, seeded by the split seed):
   c.data.cold_items = 0.0          # fraction of items held out entirely: all their rows -> test
@@ -102,6 +104,9 @@ def base_config() -> ConfigDict:
   c.model.shared_experts = 2       # ple
   c.model.specific_experts = 1     # ple
   c.model.aux_hidden = (64,)       # star auxiliary network
+  # Behaviour-sequence encoder over data.history (models/sequence.py): kind none |
+  # transformer | lstm | mean; its summary joins every model's dense input.
+  c.model.sequence = ConfigDict({"kind": "none", "layers": 1, "heads": 2, "width": 32})
   c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
   c.model.batch_norm = True        # BatchNorm after each MLP Linear, as the benchmark's MLP does
   c.model.embed_init_std = 1e-4    # N(0, std) embedding init (the benchmark's default)

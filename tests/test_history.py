@@ -58,3 +58,73 @@ def test_gap_buckets():
   assert gap_bucket(np.array([0.0]))[0] == 1
   assert gap_bucket(np.array([3600.0 * 3]))[0] == 3
   assert gap_bucket(np.array([1e12]))[0] == 16
+
+
+# ---------------------------------------------------------------- prepared data + models
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from mscenario.config import load_config  # noqa: E402
+from mscenario.data import pipeline  # noqa: E402
+from mscenario.data.prepare import prepare  # noqa: E402
+from mscenario.parallel import mesh as mesh_lib  # noqa: E402
+from mscenario.train import loop  # noqa: E402
+from tests.helpers import SYNTHETIC, TINY  # noqa: E402
+
+
+def _config(*extra):
+  return load_config(SYNTHETIC, [*TINY, "--config.data.history.length=6", *extra])
+
+
+def test_prepared_history_is_strictly_earlier_events_of_the_same_user():
+  from mscenario.data import synthetic
+  config = _config()
+  data = prepare(config, log=lambda *_: None)
+  assert data.schema.history_length == 6
+  table = synthetic.load_raw(config.data)  # no rows are skipped: row i is prepared row i
+  users = np.asarray(data.arrays["user"])
+  times = np.asarray(table.columns["timestamp"])
+  item_ids = np.asarray(data.arrays["sparse"])[:, data.schema.history_item_index]
+  hist = np.asarray(data.arrays["hist_item"])
+  rng = np.random.default_rng(0)
+  for i in rng.choice(len(users), 300, replace=False):
+    earlier = np.flatnonzero((users == users[i]) & (times < times[i]))
+    expect = earlier[np.lexsort((earlier, times[earlier]))][::-1][:6]
+    got = hist[i][hist[i] > 0]
+    np.testing.assert_array_equal(got, item_ids[expect])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_sequence_features_reach_the_model_and_ignore_padding(kind):
+  config = _config(f"--config.model.sequence.kind={kind}", "--config.model.name=star")
+  data = prepare(config, log=lambda *_: None)
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+  state = setup.create_state()
+  it = pipeline.BatchIterator(data, "valid", 256, seed=0, shuffle=False, drop_last=True)
+  batch = next(it.epoch(0))
+  assert (batch["hist_item"] > 0).any() and (batch["hist_item"] == 0).any()
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+
+  def probs(b):
+    return np.asarray(setup.eval_step(state.params, state.model_state, state.embed,
+                                      pipeline.to_global(b, sharding)))
+
+  base = probs(batch)
+  # Values at padded history positions are ignored.
+  padded = dict(batch)
+  pad = batch["hist_item"] == 0
+  padded["hist_scenario"] = np.where(pad, 2, batch["hist_scenario"]).astype(np.int32)
+  padded["hist_gap"] = np.where(pad, 5, batch["hist_gap"]).astype(np.int32)
+  np.testing.assert_allclose(probs(padded), base, atol=1e-6)
+  # Real history entries matter: flipping the feedback of past events changes predictions.
+  flipped = dict(batch)
+  flipped["hist_feedback"] = np.where(pad, 0, 3 - batch["hist_feedback"]).astype(np.int32)
+  assert np.abs(probs(flipped) - base).max() > 1e-6
+
+
+def test_sequence_without_history_is_a_clear_error():
+  from mscenario.errors import ConfigError
+  config = load_config(SYNTHETIC, [*TINY, "--config.model.sequence.kind=transformer"])
+  data = prepare(config, log=lambda *_: None)
+  with pytest.raises(ConfigError, match="history.length"):
+    loop.build(config, data, mesh_lib.make_mesh(config.mesh))

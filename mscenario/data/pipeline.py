@@ -19,7 +19,8 @@ import numpy as np
 from mscenario.data.prepare import PreparedData
 from mscenario.errors import ConfigError
 
-DEVICE_KEYS = ("sparse", "multi", "dense", "scenario", "label", "item", "weight")
+DEVICE_KEYS = ("sparse", "multi", "dense", "scenario", "label", "item", "weight",
+               "hist_item", "hist_scenario", "hist_feedback", "hist_gap")
 
 
 class BatchIterator:

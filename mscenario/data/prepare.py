@@ -25,7 +25,8 @@ from mscenario.errors import ConfigError, DataError
 
 PREP_VERSION = 1
 SPLITS = ("train", "valid", "test")
-ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth")
+ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth",
+               "hist_item", "hist_scenario", "hist_feedback", "hist_gap")
 
 
 @dataclasses.dataclass
@@ -261,6 +262,9 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
     raise ConfigError(f"data.fit_on={data_cfg.fit_on!r}: expected train or all")
   transform = Transform.fit(table, data_cfg, fit_rows, names)
   arrays, keep, skipped = transform.apply(table, on_error=data_cfg.on_error)
+  history_length = int(data_cfg.get("history", {}).get("length", 0) or 0)
+  if history_length > 0:
+    _add_history(arrays, table, keep, transform, data_cfg, history_length)
   new_index = np.cumsum(keep) - 1
   splits = {s: new_index[idx[keep[idx]]] for s, idx in splits.items()}
   for s in SPLITS:
@@ -283,6 +287,27 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   if skipped:
     log(f"data: skipped rows (data.on_error='skip'): {skipped}")
   return load_prepared(path)
+
+
+def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
+  """Each row's previous `length` events of the same user (data/history.py), over all rows
+  of every split: a test row's history may hold earlier training events, never its own or
+  later ones."""
+  from mscenario.data.history import build_history
+  schema = transform.schema
+  by_column = {spec.get("column", name): name for name, spec in data_cfg.features.items()
+               if spec.get("kind") == "sparse"}
+  item_name = by_column.get(data_cfg.item_field, data_cfg.item_field)
+  names = [f.name for f in schema.sparse]
+  if item_name not in names:
+    raise ConfigError(f"data.history needs a sparse feature on the item field "
+                      f"'{data_cfg.item_field}' (sparse features: {names})")
+  index = names.index(item_name)
+  times = _time_column(table, data_cfg)[keep]
+  arrays.update(build_history(arrays["user"], times, arrays["sparse"][:, index],
+                              arrays["scenario"], arrays["label"], length))
+  transform.state["schema"]["history_length"] = length
+  transform.state["schema"]["history_item_index"] = index
 
 
 def _summary(arrays, splits, transform, skipped, fp, data_cfg, table) -> dict:

@@ -11,6 +11,10 @@ Batch contract (numpy on host, jax arrays on device), B = batch size:
   'item'     int32   [B]        item vocabulary id (text tables, cold-start bookkeeping)
   'weight'   float32 [B]        1 for real rows, 0 for padding rows of a final partial eval batch
   'truth'    float32 [B]        (synthetic data only) the true click probability
+  'hist_*'   int32   [B, K]     (data.history.length = K > 0) the user's previous K events,
+                                most recent first, 0 = padding: hist_item (local ids of the
+                                item feature), hist_scenario (+1), hist_feedback (label + 1),
+                                hist_gap (log2-hours bucket); see data/history.py
 Arrays with S, M or D equal to 0 are still present (shape [B, 0] etc.) so shapes never branch.
 """
 from __future__ import annotations
@@ -44,6 +48,13 @@ class FeatureSchema:
   scenario_names: tuple[str, ...]
   user_vocab_size: int = 0
   item_vocab_size: int = 0
+  # Behaviour history (data.history.length > 0): K past events per row, whose item ids are
+  # local ids of sparse feature `history_item_index` (they share its embedding rows).
+  history_length: int = 0
+  history_item_index: int = -1
+  # The model's sequence encoder, set by the trainer from config.model.sequence:
+  # (kind, layers, heads, width); () = no sequence features.
+  sequence: tuple = ()
 
   @property
   def num_scenarios(self) -> int:
@@ -86,4 +97,7 @@ class FeatureSchema:
         scenario_names=tuple(d["scenario_names"]),
         user_vocab_size=d.get("user_vocab_size", 0),
         item_vocab_size=d.get("item_vocab_size", 0),
+        history_length=d.get("history_length", 0),
+        history_item_index=d.get("history_item_index", -1),
+        sequence=tuple(d.get("sequence", ())),
     )

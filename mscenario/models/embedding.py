@@ -35,6 +35,21 @@ def stacked_ids(schema: FeatureSchema, sparse: jax.Array, multi: jax.Array) -> j
   return jnp.concatenate([sparse_ids, multi_ids.reshape(b, -1)], axis=1)
 
 
+def data_schema(schema: FeatureSchema) -> FeatureSchema:
+  """The data set's own schema (a fusion.TextSchema wraps it as `.base`)."""
+  return getattr(schema, "base", None) or schema
+
+
+def batch_ids(schema: FeatureSchema, batch: dict) -> jax.Array:
+  """Every table row a batch reads: sparse, multi-valued, then history item ids."""
+  base = data_schema(schema)
+  ids = stacked_ids(base, batch["sparse"], batch["multi"])
+  if base.history_length and "hist_item" in batch:
+    offset = base.embedding_offsets[base.history_item_index]
+    ids = jnp.concatenate([ids, batch["hist_item"].astype(jnp.int32) + offset], axis=1)
+  return ids
+
+
 class EmbeddingCollection(nn.Module):
   """Embeds batch['sparse'] and batch['multi'] -> [B, S + M, embed_dim].
 
@@ -47,7 +62,7 @@ class EmbeddingCollection(nn.Module):
 
   @nn.compact
   def __call__(self, sparse: jax.Array, multi: jax.Array,
-               rows: jax.Array | None = None) -> jax.Array:
+               rows: jax.Array | None = None, hist_item: jax.Array | None = None):
     """`rows`: the already-gathered rows [B, S + M*L, E] of `stacked_ids` — the trainer's
     sparse-update path keeps the table outside the model and passes them in; the table
     param is then neither created nor read."""
@@ -60,15 +75,24 @@ class EmbeddingCollection(nn.Module):
           nn.with_logical_partitioning(nn.initializers.normal(stddev=self.init_std),
                                        EMBED_AXES),
           (self.schema.table_rows, self.embed_dim), jnp.float32)
-      emb = lookup(table, stacked_ids(self.schema, sparse, multi))  # one gather
+      ids = stacked_ids(self.schema, sparse, multi)
+      if hist_item is not None:
+        offset = self.schema.embedding_offsets[self.schema.history_item_index]
+        ids = jnp.concatenate([ids, hist_item.astype(jnp.int32) + offset], axis=1)
+      emb = lookup(table, ids)  # one gather
     else:
       emb = rows.astype(jnp.float32)
+    end = n_sparse + n_multi * max_len
     sparse_emb = emb[:, :n_sparse]
-    multi_emb = emb[:, n_sparse:].reshape(b, n_multi, max_len, self.embed_dim)
+    multi_emb = emb[:, n_sparse:end].reshape(b, n_multi, max_len, self.embed_dim)
     mask = (multi != PAD_ID).astype(emb.dtype)[..., None]
     count = jnp.maximum(mask.sum(axis=2), 1.0)
     pooled = (multi_emb * mask).sum(axis=2) / count
-    return jnp.concatenate([sparse_emb, pooled], axis=1)
+    out = jnp.concatenate([sparse_emb, pooled], axis=1)
+    if hist_item is None:
+      return out
+    # History rows, zeroed at padding so the encoder never sees the PAD row's values.
+    return out, emb[:, end:] * (hist_item != PAD_ID)[..., None]
 
 
 def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
@@ -81,13 +105,26 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   replaced feature slots, so every model gets them without knowing about text.
   """
   text = getattr(schema, "text", None)
-  base = schema.base if text is not None else schema
-  emb = EmbeddingCollection(base, embed_dim, init_std, name="embedding")(
-      batch["sparse"], batch["multi"], batch.get("embedding_rows"))
+  base = data_schema(schema)
+  hist = batch.get("hist_item") if (base.history_length and schema.sequence) else None
+  out = EmbeddingCollection(base, embed_dim, init_std, name="embedding")(
+      batch["sparse"], batch["multi"], batch.get("embedding_rows"), hist)
+  emb, hist_emb = out if hist is not None else (out, None)
   if text is not None:
     from mscenario.models.fusion import TextFusion
     emb = TextFusion(text, embed_dim, len(base.sparse), name="text_fusion")(emb, batch)
-  return emb, batch["dense"].astype(jnp.float32)
+  dense = batch["dense"].astype(jnp.float32)
+  if hist is not None:
+    # The behaviour sequence joins as extra dense columns (after the data's own), so every
+    # model that reads `dense` gets it; the candidate item asks the history what matters.
+    from mscenario.models.sequence import SequenceEncoder
+    kind, layers, heads, width = schema.sequence
+    summary = SequenceEncoder(base.num_scenarios, width=width, layers=layers, heads=heads,
+                              kind=kind, name="sequence")(
+        hist_emb, batch["hist_scenario"], batch["hist_feedback"], batch["hist_gap"],
+        emb[:, base.history_item_index])
+    dense = jnp.concatenate([dense, summary], axis=1)
+  return emb, dense
 
 
 def model_input(schema: FeatureSchema, embed_dim: int, init_std: float,

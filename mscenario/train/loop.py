@@ -24,7 +24,7 @@ from mscenario import config as config_lib
 from mscenario.data import pipeline
 from mscenario.data.prepare import PreparedData, prepare
 from mscenario.errors import ConfigError, MscenarioError
-from mscenario.models.embedding import stacked_ids
+from mscenario.models.embedding import batch_ids
 from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import checkpoint as ckpt_lib
@@ -139,6 +139,13 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
                            "them; or run `mscenario encode`)")
     model_schema = fusion.text_schema(config, data.schema, text_tables)
     text_values = fusion.table_values(model_schema.text, text_tables)
+  seq = config.model.get("sequence", None)
+  if seq is not None and seq.kind != "none":
+    if not data.schema.history_length:
+      raise ConfigError(f"model.sequence.kind={seq.kind!r} needs behaviour histories: set "
+                        "--config.data.history.length=K (e.g. 20)")
+    model_schema = dataclasses.replace(
+        model_schema, sequence=(seq.kind, int(seq.layers), int(seq.heads), int(seq.width)))
   model = build_model(config.model, model_schema)
   schema = data.schema
   embed_update = config.train.embed_update
@@ -155,7 +162,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
   def init_sparse_variables():
     """Sparse mode: init the model on given rows (no table param); the table is made by
     sparse.init_table, chunk by chunk."""
-    ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+    ids = batch_ids(schema, batch)
     rows = jnp.zeros(ids.shape + (config.model.embed_dim,), jnp.float32)
     return model.init({"params": init_rng, "dropout": dropout_rng},
                       {**batch, "embedding_rows": rows}, train=False)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from mscenario.models.embedding import stacked_ids
+from mscenario.models.embedding import batch_ids
 from mscenario.train import sparse
 
 
@@ -73,7 +73,7 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
   def sparse_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     table = state.embed["table"]
-    ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+    ids = batch_ids(schema, batch)
     uniq, inv = sparse.unique_rows(ids, table.shape[0])
     rows = sparse.gather(table, uniq)
 
@@ -105,7 +105,7 @@ def make_eval_step(model, schema=None):
   """(params, model_state, embed, batch) -> probabilities [B]."""
   def eval_step(params, model_state, embed, batch: dict) -> jax.Array:
     if embed:
-      ids = stacked_ids(schema, batch["sparse"], batch["multi"])
+      ids = batch_ids(schema, batch)
       batch = {**batch, "embedding_rows": embed["table"].at[ids].get(mode="fill",
                                                                      fill_value=0)}
     logits, _ = _apply(model, params, model_state, batch, False, None)
