@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
   text_tables.add_cli(sub)
   from mscenario import serve as serve_cli
   serve_cli.add_cli(sub)
+  from mscenario.train import update as update_cli
+  update_cli.add_cli(sub)
   return p
 
 

@@ -77,6 +77,9 @@ def base_config() -> ConfigDict:
   c.data.history = ConfigDict()
   c.data.history.length = 0        # K previous events per row (data/history.py); 0 = none
   c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
+  # Extra embedding rows per vocabulary feature, as a fraction of its fitted size, for values
+  # first seen by `mscenario update` (0 = none: new values stay OOV; hashed features need none).
+  c.data.reserve_fraction = 0.0
   # Cold-start / transfer protocols (applied after the split, seeded by the split seed):
   c.data.cold_items = 0.0          # fraction of items held out entirely: all their rows -> test
   c.data.holdout_scenario = ""     # scenario name whose rows all go to test (unseen scenario)

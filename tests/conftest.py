@@ -24,8 +24,11 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-  """No test writes to the user's data or cache directories."""
-  monkeypatch.setenv("MSCENARIO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-  monkeypatch.setenv("MSCENARIO_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+def pytest_configure(config):
+  """No test (nor a module-scoped fixture, which runs before function fixtures) writes to the
+  user's data or cache directories; subprocesses inherit these too."""
+  import os
+  import tempfile
+  root = tempfile.mkdtemp(prefix="mscenario-tests-")
+  os.environ["MSCENARIO_CACHE"] = os.path.join(root, "cache")
+  os.environ["MSCENARIO_DATA"] = os.path.join(root, "data")

@@ -88,7 +88,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
   cfg = data_cfg.to_dict()
   for k in ("root", "cache_dir"):
     cfg.pop(k, None)
-  for k, off in (("cold_items", 0.0), ("holdout_scenario", "")):  # off: caches stay valid
+  for k, off in (("cold_items", 0.0), ("holdout_scenario", ""),
+                 ("reserve_fraction", 0.0)):  # off: caches stay valid
     if cfg.get(k, off) == off:
       cfg.pop(k, None)
   cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)

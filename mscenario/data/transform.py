@@ -6,6 +6,7 @@ prediction run or an exported model can turn raw rows into ids without the origi
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import zlib
 from typing import Any
@@ -104,6 +105,10 @@ class Transform:
   def fit(cls, table: RawTable, data_cfg, fit_rows: np.ndarray,
           scenario_names: list[str]) -> "Transform":
     features = data_cfg.features
+    reserve_fraction = float(data_cfg.get("reserve_fraction", 0.0) or 0.0)
+    if not 0.0 <= reserve_fraction <= 10.0:
+      raise ConfigError(f"data.reserve_fraction={reserve_fraction}: expected a fraction >= 0 "
+                        "(e.g. 0.1 reserves 10% extra rows per vocabulary for `update`)")
     sparse, multi, dense_cols, vocabs, dense_state = [], [], [], {}, {}
     for name, spec in features.items():
       kind = spec.get("kind")
@@ -121,16 +126,25 @@ class Transform:
           values = as_str_column(table.columns[column][fit_rows])
           vocab = _fit_vocab(values, int(spec.get("min_count", 1)))
           vocabs[name] = {"values": vocab}
-          size = len(vocab) + schema_lib.FIRST_ID
+          # Rows kept free for values first seen by `mscenario update`: the table's shape
+          # (and so every checkpoint) stays the same as the vocabulary grows.
+          reserve = int(math.ceil(reserve_fraction * len(vocab)))
+          if reserve:
+            vocabs[name].update(reserve=reserve, added=[])
+          size = len(vocab) + schema_lib.FIRST_ID + reserve
         sparse.append(schema_lib.SparseFeature(name, size))
       elif kind == "multi":
         col = table.columns[column][fit_rows]
         flat = np.array([str(t) for row in col.tolist() if row for t in row], dtype=str)
         vocab = _fit_vocab(flat, int(spec.get("min_count", 1)))
         vocabs[name] = {"values": vocab}
+        reserve = int(math.ceil(reserve_fraction * len(vocab)))
+        if reserve:
+          vocabs[name].update(reserve=reserve, added=[])
         max_len = int(spec.get("max_len", 0) or 0) or max(
             [len(r) for r in col.tolist() if r] or [1])
-        multi.append(schema_lib.MultiFeature(name, len(vocab) + schema_lib.FIRST_ID, max_len))
+        multi.append(schema_lib.MultiFeature(name, len(vocab) + schema_lib.FIRST_ID + reserve,
+                                             max_len))
       elif kind == "dense":
         if column not in table.columns:
           raise DataError(f"dense feature '{name}' needs column '{column}', which the data "
@@ -297,6 +311,45 @@ class Transform:
       arrays = {k: v[keep] for k, v in arrays.items()}
     return arrays, keep, skipped
 
+  # -- growth ------------------------------------------------------------------------
+  def grow(self, table: RawTable, update: int) -> list[dict]:
+    """Give values first seen in `table` the next reserved rows (data.reserve_fraction).
+
+    New values are taken in order of first appearance (deterministic for the same rows),
+    honouring the feature's min_count within `table`; once a feature's reserve is used up
+    the rest stay OOV and are counted. Mutates `state` and appends one record per grown
+    vocabulary feature to state['vocab_growth']; returns those records.
+    """
+    records = []
+    for name, vocab in self.state["vocabs"].items():
+      if "reserve" not in vocab:
+        continue  # hashed, or fitted without reserve: nothing can grow
+      spec = self.state["features"][name]
+      column = spec.get("column", name)
+      if column not in table.columns:
+        continue  # apply() reports the missing column
+      col = table.columns[column]
+      if spec.get("kind") == "multi":
+        values = np.array([str(t) for row in col.tolist() if row for t in row], dtype=str)
+      else:
+        values = as_str_column(col)
+      if len(values) == 0:
+        continue
+      uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
+      known = _vocab_ids(vocab["values"], uniq) != schema_lib.OOV_ID
+      known |= np.isin(uniq, np.asarray(vocab["added"], dtype=str))
+      new = ~known & (uniq != MISSING) & (counts >= max(int(spec.get("min_count", 1)), 1))
+      order = np.flatnonzero(new)[np.argsort(first[new], kind="stable")]
+      left = vocab["reserve"] - len(vocab["added"])
+      take, rest = order[:left], order[left:]
+      vocab["added"].extend(uniq[take].tolist())
+      if len(take) or len(rest):
+        records.append({"update": int(update), "feature": name, "added": int(len(take)),
+                        "reserve_left": int(left - len(take)),
+                        "oov_values": int(len(rest)), "oov_rows": int(counts[rest].sum())})
+    self.state.setdefault("vocab_growth", []).extend(records)
+    return records
+
   # -- pieces ------------------------------------------------------------------------
   def _scenario_values(self) -> list[str]:
     groups = self.state["scenario"]["groups"]
@@ -322,6 +375,8 @@ class Transform:
       ids = schema_lib.FIRST_ID + stable_hash(uniq, vocab["hash_buckets"])
     else:
       ids = _vocab_ids(vocab["values"], uniq)
+      if vocab.get("added"):
+        ids = _added_ids(vocab, uniq, ids)
     ids = np.where(uniq == MISSING, schema_lib.PAD_ID, ids)
     return ids[inv].astype(np.int32)
 
@@ -341,6 +396,17 @@ def _fit_vocab(values: np.ndarray, min_count: int) -> list[str]:
   uniq, counts = np.unique(values, return_counts=True)
   keep = (counts >= max(min_count, 1)) & (uniq != MISSING)
   return uniq[keep].tolist()
+
+
+def _added_ids(vocab: dict, uniq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Values grown by `update` sit after the fitted ones, in the order they were added."""
+  added = np.asarray(vocab["added"], dtype=str)
+  order = np.argsort(added, kind="stable")
+  pos = np.searchsorted(added[order], uniq)
+  pos_c = np.minimum(pos, len(added) - 1)
+  found = (added[order][pos_c] == uniq) & (ids == schema_lib.OOV_ID)
+  grown = schema_lib.FIRST_ID + len(vocab["values"]) + order[pos_c]
+  return np.where(found, grown, ids)
 
 
 def _vocab_ids(vocab: list[str], uniq: np.ndarray) -> np.ndarray:

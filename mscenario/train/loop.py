@@ -72,8 +72,11 @@ def _flatten(d: dict, prefix="") -> dict:
 
 def check_resumable(saved: dict, current: dict) -> None:
   a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
+  # A key added to mscenario after the run started is no change if it has its default.
+  defaults = _flatten(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                and k not in RESUMABLE_CHANGES)
+                and k not in RESUMABLE_CHANGES
+                and not (k not in a and k in defaults and b.get(k) == defaults[k]))
   if diff:
     shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
     raise ConfigError(f"the work dir holds a run with a different config ({shown}); use a new "

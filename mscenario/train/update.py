@@ -1,0 +1,231 @@
+"""`mscenario update`: continue a work dir's latest checkpoint on new events only.
+
+New values of vocabulary features take rows reserved at fit time (`data.reserve_fraction`),
+so the embedding table, and with it every checkpoint, keeps its shape: the latest state
+(optimizer moments and step included) restores unchanged and the same jitted step trains on.
+The grown vocabularies go to the work dir's transform.json only after the new checkpoint is
+on disk, so a crash in between leaves the previous, consistent pair. With `--out` the result
+is exported as a new model version, which a running server picks up (hot swap).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from mscenario.errors import ConfigError, MscenarioError
+
+# jax and the training stack are imported inside the functions: the CLI registers this
+# command on every invocation and must stay fast to start.
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  """Without creating anything (Checkpoints() would make empty ckpt/ and best/ dirs)."""
+  ckpt = os.path.join(workdir, "ckpt")
+  return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
+
+
+def load_workdir(workdir: str, overrides=()):
+  """(config, transform) of a trained work dir, or a clear error why it cannot be updated."""
+  from mscenario import config as config_lib
+  from mscenario.data.transform import Transform
+  for name in ("config.json", "transform.json"):
+    if not os.path.exists(os.path.join(workdir, name)):
+      raise MscenarioError(f"{workdir}/{name} is missing: is {workdir} the work dir of a "
+                           "training run?")
+  if not _has_checkpoint(workdir):
+    raise MscenarioError(f"{workdir} holds no checkpoint yet: `mscenario update` continues "
+                         "a trained model; train first with `mscenario train --config ... "
+                         f"--workdir {workdir}`")
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = config_lib.apply_overrides(config_lib.from_json(f.read()), overrides)
+  with open(os.path.join(workdir, "transform.json")) as f:
+    transform = Transform(json.load(f))
+  if int(config.data.get("history", {}).get("length", 0) or 0) > 0:
+    raise ConfigError("`mscenario update` does not support behaviour histories "
+                      "(data.history.length > 0) yet")
+  return config, transform
+
+
+def read_events(config, path: str):
+  """NEW_EVENTS as a RawTable: CSV/Parquet with the canonical columns (as predict reads)."""
+  from mscenario.data.sources import load_source
+  if not os.path.exists(path):
+    raise MscenarioError(f"{path}: no such file")
+  cfg = config.copy_and_resolve_references()
+  cfg.data.source = "table"
+  cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = path, "", ""
+  return load_source(cfg.data)
+
+
+def _atomic_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
+def update_table(workdir: str, table, *, config=None, transform=None,
+                 epochs: int = 1, holdout: float = 0.0, out: str | None = None,
+                 buckets=None, keep: int = 5, source: str = "", log=print) -> dict:
+  """Grow vocabularies from `table`, train `epochs` over its rows from the latest checkpoint,
+  save a checkpoint (latest and best: eval/predict/export then use the updated model) and,
+  with `out`, export a new model version. Returns the summary dict."""
+  import jax
+  from mscenario.data import pipeline
+  from mscenario.data.prepare import PreparedData
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import checkpoint as ckpt_lib
+  from mscenario.train import loop
+  from mscenario.train.evaluate import _text_tables
+  workdir = os.path.abspath(workdir)
+  if config is None or transform is None:
+    config, transform = load_workdir(workdir)
+  if epochs < 1:
+    raise ConfigError(f"--epochs={epochs}: expected at least 1")
+  if not 0.0 <= holdout < 1.0:
+    raise ConfigError(f"--holdout={holdout}: expected a fraction in [0, 1)")
+  t0 = time.time()
+  index = len(transform.state.get("updates", [])) + 1
+  growth = transform.grow(table, index)
+  arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
+  n = len(arrays["label"])
+  if n == 0:
+    raise MscenarioError(f"{source or 'the new events'}: no rows to train on"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+  # Holdout = the latest rows (by time when the events carry it): "does the update help on
+  # what comes next", not a random sample of the same period.
+  tfield = config.data.time_field
+  if tfield in table.columns:
+    order = np.argsort(np.asarray(table.columns[tfield], np.float64)[keep_rows], kind="stable")
+  else:
+    order = np.arange(n)
+  n_hold = int(round(holdout * n))
+  if holdout and (n_hold == 0 or n_hold == n):
+    raise ConfigError(f"--holdout={holdout} of {n} rows leaves an empty split")
+  splits = {"train": np.sort(order[: n - n_hold]), "valid": np.sort(order[n - n_hold:])}
+  data = PreparedData(path="", arrays=arrays, splits=splits, transform=transform,
+                      meta={"fingerprint": "", "skipped": skipped})
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup = loop.build(config, data, mesh, _text_tables(config, workdir, data))
+  tc = config.train
+  ckpts = ckpt_lib.Checkpoints(workdir, tc.keep_checkpoints)
+  try:
+    restored = ckpts.restore_latest(setup.abstract_state)
+    if restored is None:  # raced with a deletion since load_workdir
+      raise MscenarioError(f"{workdir} holds no checkpoint")
+    state, meta = restored
+    step_from = int(state.step)
+    before = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
+    batch_size = loop._round_batch(tc.batch_size, mesh)
+    # drop_last=False: every new event is seen (the short last batch is padded with
+    # weight-0 rows, which the loss ignores); the seed differs per update.
+    it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed + 7919 * index,
+                                shuffle=True, drop_last=False,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    sharding = mesh_lib.batch_sharding(mesh)
+    logger = loop.Logger(workdir, step_from)
+    epoch_loss = []
+    try:
+      for epoch in range(epochs):
+        losses = []
+        batches = pipeline.prefetch(it.epoch(epoch),
+                                    lambda b: pipeline.to_global(b, sharding), tc.prefetch)
+        for batch in batches:
+          state, metrics = setup.train_step(state, batch)
+          losses.append(metrics["loss"])
+        losses = np.asarray(jax.device_get(losses))
+        loop._check_finite(losses, step_from + (epoch + 1) * it.num_batches, epoch, ckpts)
+        epoch_loss.append(float(losses.mean()))
+        logger.write({"step": int(state.step), "update": index, "epoch": epoch,
+                      "loss": epoch_loss[-1]})
+    finally:
+      logger.close()
+    step_to = int(state.step)
+    after = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
+    record = {"update": index, "source": source, "rows": n, "train_rows": n - n_hold,
+              "holdout_rows": n_hold, "epochs": epochs, "step_from": step_from,
+              "step_to": step_to, "loss": epoch_loss, "skipped": skipped,
+              "growth": growth, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if n_hold:
+      record["holdout_auc_before"] = before["auc"]
+      record["holdout_auc_after"] = after["auc"]
+    new_meta = {**meta, "updates": [*meta.get("updates", []),
+                                    {k: record[k] for k in ("update", "rows", "step_from",
+                                                            "step_to")}]}
+    ckpts.save_latest(step_to, state, new_meta)
+    ckpts.save_best(step_to, state, new_meta)
+    ckpts.wait()
+  finally:
+    ckpts.close()
+  # The checkpoint is durable: now the vocabularies that its new rows belong to.
+  transform.state.setdefault("updates", []).append(
+      {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time")})
+  if jax.process_index() == 0:
+    _atomic_json(os.path.join(workdir, "transform.json"), transform.state)
+    with open(os.path.join(workdir, "updates.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+  record["seconds"] = time.time() - t0
+  _log_summary(record, log)
+  if out:
+    from mscenario.serve import DEFAULT_BUCKETS
+    from mscenario.serve import export as export_lib
+    record["export"] = export_lib.export(workdir, out, buckets=buckets or DEFAULT_BUCKETS,
+                                         checkpoint="latest", keep=keep, log=log)
+  return record
+
+
+def _log_summary(r: dict, log) -> None:
+  loss = " -> ".join(f"{x:.4f}" for x in r["loss"])
+  log(f"update {r['update']}: {r['train_rows']:,} rows, {r['epochs']} epoch(s), steps "
+      f"{r['step_from']} -> {r['step_to']}, loss {loss} ({r['seconds']:.1f}s)")
+  if "holdout_auc_before" in r:
+    log(f"update {r['update']}: holdout ({r['holdout_rows']:,} latest rows) AUC "
+        f"{r['holdout_auc_before']:.4f} before -> {r['holdout_auc_after']:.4f} after")
+  if r["skipped"]:
+    log(f"update {r['update']}: skipped rows: {r['skipped']}")
+  if not r["growth"]:
+    log(f"update {r['update']}: no vocabulary growth (no new values, or no reserve: "
+        "data.reserve_fraction)")
+  for g in r["growth"]:
+    oov = (f", {g['oov_values']} value(s) / {g['oov_rows']} row(s) left OOV (reserve "
+           "exhausted)" if g["oov_values"] else "")
+    log(f"update {r['update']}: {g['feature']}: +{g['added']} value(s), {g['reserve_left']} "
+        f"reserved row(s) left{oov}")
+
+
+def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
+  """`mscenario update` on a CSV/Parquet file of new events."""
+  workdir = os.path.abspath(workdir)
+  config, transform = load_workdir(workdir, overrides)
+  table = read_events(config, data_path)
+  return update_table(workdir, table, config=config, transform=transform,
+                      source=os.path.abspath(data_path), **kwargs)
+
+
+def cmd_update(args, overrides):
+  update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
+         holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep)
+
+
+def add_cli(subparsers) -> None:
+  """Adds `update` to the top-level `mscenario` parser."""
+  from mscenario.serve import _buckets
+  u = subparsers.add_parser(
+      "update", help="continue a work dir's latest checkpoint on new events (vocabularies "
+                     "grow into reserved rows) and optionally export a new model version")
+  u.add_argument("--workdir", required=True)
+  u.add_argument("--data", required=True, help="CSV/Parquet of new events (the columns "
+                                               "`mscenario predict` reads, plus the label)")
+  u.add_argument("--out", help="model dir: export the updated model as a new version")
+  u.add_argument("--epochs", type=int, default=1)
+  u.add_argument("--holdout", type=float, default=0.0,
+                 help="fraction of the latest new events kept out of training, to report "
+                      "AUC before/after the update")
+  u.add_argument("--buckets", type=_buckets, default=None,
+                 help="export batch sizes, comma-separated (default: as `export`)")
+  u.add_argument("--keep", type=int, default=5, help="model versions to keep (0 = all)")
+  u.set_defaults(func=cmd_update)
