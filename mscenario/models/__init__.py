@@ -10,6 +10,7 @@ from mscenario.models.embedding import EmbeddingCollection, lookup, model_input
 from mscenario.models.layers import MLP, select_scenario
 from mscenario.models.registry import available_models, build_model, register
 from mscenario.models import mmoe, ple, seed, sharedbottom, star  # noqa: F401  (registers)
+from mscenario.models import adasparse, m2m, m3oe, pepnet, sarnet  # noqa: F401  (registers)
 
 __all__ = [
     "EmbeddingCollection", "MLP", "available_models", "build_model", "lookup", "model_input",

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mscenario.errors import ConfigError
 from mscenario.models.embedding import embed_batch
 from mscenario.models.layers import ScenarioModel, get_dtype
 from mscenario.models.registry import register
@@ -55,7 +56,6 @@ class PEPNet(ScenarioModel):
 
   def prior_index(self) -> np.ndarray:
     """Indices (into the embedded fields) of the user / item prior features."""
-    from mscenario.errors import ConfigError
     names = [f.name for f in (*self.schema.sparse, *self.schema.multi)]
     wanted = tuple(self.prior_features)
     if wanted:
