@@ -182,7 +182,7 @@ def main():
   p.add_argument("--max-seconds", type=float, default=8.0, help="per cell")
   p.add_argument("--rate", type=float, default=500.0, help="open-loop single-item req/s")
   p.add_argument("--rate-seconds", type=float, default=5.0)
-  p.add_argument("--max-batch-wait-ms", type=float, default=2.0)
+  p.add_argument("--max-batch-wait-ms", type=float, default=0.5)
   p.add_argument("--out", help="write the results as JSON here")
   args = p.parse_args()
   tmp = tempfile.mkdtemp(prefix="serve_load_")

@@ -52,7 +52,7 @@ def add_cli(subparsers) -> None:
   s.add_argument("--host", default="127.0.0.1", help="default loopback only")
   s.add_argument("--port", type=int, default=8080)
   s.add_argument("--token-file", help="require `Authorization: Bearer <token>` (file content)")
-  s.add_argument("--max-batch-wait-ms", type=float, default=2.0,
+  s.add_argument("--max-batch-wait-ms", type=float, default=0.5,
                  help="how long a request may wait for others to share its batch")
   s.add_argument("--watch-interval-s", type=float, default=1.0,
                  help="poll MODEL_DIR/CURRENT for new versions (0 = only POST /v1/reload)")

@@ -168,7 +168,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
   return b"".join(chunks)
 
 
-def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: float = 2.0,
+def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: float = 0.5,
                watch_interval_s: float = 1.0, limits: Limits | None = None,
                predictor: Predictor | None = None) -> Starlette:
   """The ASGI app; `watch_interval_s <= 0` disables polling MODEL_DIR (reload still works)."""
@@ -318,7 +318,7 @@ def read_token(path: str | None) -> str | None:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, *,
-          token_file: str | None = None, max_batch_wait_ms: float = 2.0,
+          token_file: str | None = None, max_batch_wait_ms: float = 0.5,
           watch_interval_s: float = 1.0, limits: Limits | None = None) -> None:
   import uvicorn
   token = read_token(token_file)
