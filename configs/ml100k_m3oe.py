@@ -1,12 +1,8 @@
 """m3oe on MovieLens-100K, Scenario-Wise Rec protocol (scenario = user age group)."""
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
+from mscenario.models.presets import with_model
 
 
 def get_config():
-  c = scenario_wise_rec(base_config(), "ml-100k")
-  c.model.name = "m3oe"
-  c.model.hidden = (128, 64)         # STAR layer, then the LayerNorm MLP (the reference's)
-  c.model.num_experts = 4
-  c.model.expert_hidden = (64, 32)
-  return c
+  return with_model(scenario_wise_rec(base_config(), "ml-100k"), "m3oe")

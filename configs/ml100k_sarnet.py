@@ -1,13 +1,8 @@
 """sarnet on MovieLens-100K, Scenario-Wise Rec protocol (scenario = user age group)."""
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
+from mscenario.models.presets import with_model
 
 
 def get_config():
-  c = scenario_wise_rec(base_config(), "ml-100k")
-  c.model.name = "sarnet"
-  c.model.shared_experts = 4
-  c.model.specific_experts = 2
-  c.model.expert_hidden = (64,)
-  c.model.tower_hidden = (32,)
-  return c
+  return with_model(scenario_wise_rec(base_config(), "ml-100k"), "sarnet")

@@ -2,9 +2,8 @@
 MMoE, overall test AUC 0.8128 ± 0.0003 over seeds 2022–2024."""
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
+from mscenario.models.presets import with_model
 
 
 def get_config():
-  c = scenario_wise_rec(base_config(), "ml-1m")
-  c.model.name = "mmoe"
-  return c
+  return with_model(scenario_wise_rec(base_config(), "ml-1m"), "mmoe")

@@ -1,13 +1,8 @@
 """sarnet on MovieLens-1M, Scenario-Wise Rec protocol (scenario = user age group)."""
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
+from mscenario.models.presets import with_model
 
 
 def get_config():
-  c = scenario_wise_rec(base_config(), "ml-1m")
-  c.model.name = "sarnet"
-  c.model.shared_experts = 4
-  c.model.specific_experts = 2
-  c.model.expert_hidden = (64,)
-  c.model.tower_hidden = (32,)
-  return c
+  return with_model(scenario_wise_rec(base_config(), "ml-1m"), "sarnet")

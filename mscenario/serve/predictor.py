@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mscenario.flat import flatten, unflatten  # noqa: F401  (export.py uses both from here)
+
 from mscenario.data import schema as schema_lib
 from mscenario.data.table import RawTable
 from mscenario.data.transform import MISSING, Transform
@@ -37,30 +39,6 @@ VERSIONS_DIR = "versions"
 MANIFEST = "manifest.json"
 # Batch arrays the scoring function takes (labels / weights are not needed to score).
 INPUT_KEYS = ("sparse", "multi", "dense", "scenario", "user", "item")
-
-
-# ---------------------------------------------------------------------------- pytree <-> flat
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts -> {'a/b/c': leaf}: the file format needs flat names, not pickled trees."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
 
 
 def input_spec(manifest: dict, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -24,6 +24,7 @@ from mscenario import config as config_lib
 from mscenario.data import pipeline
 from mscenario.data.prepare import PreparedData, prepare
 from mscenario.errors import ConfigError, MscenarioError
+from mscenario.flat import flatten
 from mscenario.models.embedding import batch_ids
 from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
@@ -59,21 +60,12 @@ def versions() -> dict:
   return out
 
 
-def _flatten(d: dict, prefix="") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def check_resumable(saved: dict, current: dict) -> None:
-  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current, default=str)))
+  a = flatten(saved, sep=".")
+  b = flatten(json.loads(json.dumps(current, default=str)), sep=".")
   # A key added to mscenario after the run started is no change if it has its default.
-  defaults = _flatten(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
+  defaults = flatten(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)),
+                     sep=".")
   diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                 and k not in RESUMABLE_CHANGES
                 and not (k not in a and k in defaults and b.get(k) == defaults[k]))

@@ -1,0 +1,21 @@
+"""Per-model layer sizes that differ from the shared `c.model` defaults (which are PLE's and
+STAR's), so every data set's config of a model trains the same architecture."""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+MODEL_SIZES = {
+    "m2m": {"num_experts": 4, "expert_hidden": (256,), "meta_dim": 32, "tower_hidden": (64,)},
+    # STAR layer, then the LayerNorm MLP (the reference implementation's sizes).
+    "m3oe": {"hidden": (128, 64), "num_experts": 4, "expert_hidden": (64, 32)},
+    "sarnet": {"shared_experts": 4, "specific_experts": 2, "expert_hidden": (64,),
+               "tower_hidden": (32,)},
+}
+
+
+def with_model(c: ConfigDict, name: str) -> ConfigDict:
+  """Select model `name` in config `c`, with its own layer sizes."""
+  c.model.name = name
+  for key, value in MODEL_SIZES.get(name, {}).items():
+    c.model[key] = value
+  return c
