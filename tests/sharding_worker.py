@@ -43,7 +43,48 @@ def run(config, data, shape):
   return losses, params, shards, tuple(table.shape), probs
 
 
+def restore_across_meshes(config, data, workdir):
+  """Train on 8 devices, checkpoint, then continue (a) on the same mesh and (b) restored onto
+  a 4-device mesh; both continuations must give the same parameters."""
+  from mscenario.train import checkpoint as ckpt_lib
+
+  def setup_for(n):
+    mesh = mesh_lib.make_mesh(ConfigDict({"data": n, "model": 1}), jax.devices()[:n])
+    return loop.build(config, data, mesh), mesh
+
+  def steps(setup, mesh, state, batches):
+    for batch in batches:
+      state, _ = setup.train_step(state, pipeline.to_global(batch, mesh_lib.batch_sharding(mesh)))
+    return state
+
+  it = pipeline.BatchIterator(data, "train", config.train.batch_size, seed=config.seed,
+                              shuffle=True, drop_last=True)
+  batches = list(itertools.islice(it.epoch(0), 2 * STEPS))
+  setup8, mesh8 = setup_for(8)
+  state = steps(setup8, mesh8, setup8.create_state(), batches[:STEPS])
+  ckpts = ckpt_lib.Checkpoints(workdir, 2)
+  ckpts.save_latest(STEPS, state, {"epoch": 0})
+  ckpts.wait()
+  on8 = jax.tree_util.tree_map(np.asarray, loop.all_params(
+      steps(setup8, mesh8, state, batches[STEPS:])))
+  setup4, mesh4 = setup_for(4)
+  restored, _ = ckpts.restore_latest(setup4.abstract_state)
+  ckpts.close()
+  shards = sorted({tuple(s.data.shape) for s in loop.embedding_table(restored).addressable_shards})
+  on4 = jax.tree_util.tree_map(np.asarray, loop.all_params(
+      steps(setup4, mesh4, restored, batches[STEPS:])))
+  diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, on8, on4))
+  return {"max_param_diff": max(diffs), "devices": len(restored.step.sharding.device_set),
+          "restored_shards": shards}
+
+
 def main(argv):
+  if argv[0] == "--restore":
+    config = load_config(SYNTHETIC, [*TINY, *argv[2:]])
+    data = prepare(config, log=lambda *_: None)
+    print("RESULT " + json.dumps(restore_across_meshes(config, data, argv[1])))
+    return
   meshes = [tuple(m) for m in json.loads(argv[0])]
   config = load_config(SYNTHETIC, [*TINY, *argv[1:]])
   data = prepare(config, log=lambda *_: None)

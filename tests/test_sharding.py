@@ -15,12 +15,12 @@ from tests.helpers import REPO
 MESHES = [(8, 1), (2, 4), (1, 8)]
 
 
-def _run_worker(*overrides):
+def _run_worker(*overrides, args=None):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  done = subprocess.run([sys.executable, "tests/sharding_worker.py", json.dumps(MESHES),
-                         *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+  args = args if args is not None else [json.dumps(MESHES)]
+  done = subprocess.run([sys.executable, "tests/sharding_worker.py", *args, *overrides],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
@@ -38,3 +38,10 @@ def test_meshes_match_single_device(embed_update):
     model_axis = int(name.split("x")[1])
     rows, dim = res["table_shape"]
     assert res["shard_shapes"] == [[rows // model_axis, dim]], (name, res["shard_shapes"])
+
+
+def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
+  """Orbax restore onto a different mesh: continuing there equals continuing on the original."""
+  out = _run_worker("--config.model.name=star", args=["--restore", str(tmp_path / "ck")])
+  assert out["devices"] == 4
+  assert out["max_param_diff"] < 1e-5, out
