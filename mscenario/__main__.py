@@ -1,5 +1,3 @@
-import sys
+from mscenario.cli import entry
 
-from mscenario.cli import main
-
-sys.exit(main())
+entry()

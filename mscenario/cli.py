@@ -119,5 +119,19 @@ def main(argv=None) -> int:
   return 0
 
 
+def entry() -> None:
+  """Console-script entry point. After a user error (exit status 2) the process leaves with
+  os._exit once output is flushed: tearing down the interpreter while native thread pools
+  (XLA, Arrow) are still alive occasionally aborts ("terminate called without an active
+  exception"), which would turn a clear message into a crash. Checkpoints and logs are
+  already closed on that path; a successful run exits normally."""
+  code = main()
+  if code == 2:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()
