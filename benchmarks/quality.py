@@ -71,12 +71,11 @@ def main():
       run_one(config, workdir, seed, args.root, args.extra)
       per_seed.append(summarize(workdir))
     scenario_names = list(per_seed[0][0]["scenarios"])
-    params = ""
-    rows.append((model, per_seed, params))
+    rows.append((model, per_seed))
   header = ["model", "overall AUC", "overall LogLoss"] + [f"{s} AUC" for s in scenario_names] + [
       "best epoch", "train ex/s (median)", "wall s / run"]
   out = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
-  for model, per_seed, _ in rows:
+  for model, per_seed in rows:
     res = [r for r, _, _ in per_seed]
     cells = [model, fmt([r["overall"]["auc"] for r in res]),
              fmt([r["overall"]["logloss"] for r in res])]

@@ -242,20 +242,12 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
       # Mapping-like sections (feature specs, scenario groups, column maps) accept new keys.
       if isinstance(node, ConfigDict) and parts[-2:-1] and parts[-2] in (
           "columns", "groups", "descriptions"):
-        with node.unlocked() if hasattr(node, "unlocked") else _null():
+        with node.unlocked():
           node[leaf] = ast.literal_eval(raw) if raw[:1] in "[(" else raw
         continue
       raise ConfigError(f"--config.{key}: unknown key '{leaf}' (known: {sorted(node.keys())})")
     node[leaf] = _parse_value(raw, node[leaf], key)
   return config
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def to_json(config: ConfigDict) -> str:
