@@ -108,8 +108,11 @@ def base_config() -> ConfigDict:
   c.model.specific_experts = 1     # ple
   c.model.aux_hidden = (64,)       # star auxiliary network
   # Behaviour-sequence encoder over data.history (models/sequence.py): kind none |
-  # transformer | lstm | mean; its summary joins every model's dense input.
-  c.model.sequence = ConfigDict({"kind": "none", "layers": 1, "heads": 2, "width": 32})
+  # transformer | lstm | mean | stats; its summary (plus, with stats=True, mean label / raw
+  # feedback over the last 1/5/20/K events and log #earlier events) joins every model's
+  # dense input.
+  c.model.sequence = ConfigDict({"kind": "none", "layers": 1, "heads": 2, "width": 32,
+                                 "stats": True})
   c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
   c.model.batch_norm = True        # BatchNorm after each MLP Linear, as the benchmark's MLP does
   c.model.embed_init_std = 1e-4    # N(0, std) embedding init (the benchmark's default)
@@ -144,6 +147,10 @@ def base_config() -> ConfigDict:
   # (one float of state per row) or 'lazy_adam'; both use train.embed_learning_rate.
   c.train.embed_update = "dense"
   c.train.grad_clip_norm = 0.0     # 0 = off
+  # Item-id dropout (DropoutNet-style): each training row's item id is replaced by OOV with
+  # this probability, so the OOV row learns "an unknown item" and a text-fused model learns
+  # to lean on text when the id says nothing -- what brand-new items look like at test time.
+  c.train.item_id_dropout = 0.0
   c.train.warmup_steps = 0
   c.train.drop_last = True         # fixed-shape batches; see README for the last partial batch
   c.train.patience = 2             # early stopping on validation AUC (epochs); 0 = off

@@ -241,3 +241,59 @@ def test_item_vectors_from_npy_and_parquet(tmp_path):
                  tmp_path / "v.parquet")
   out = load_item_vectors(str(tmp_path / "v.parquet"), vocab, 5, "item_id")
   np.testing.assert_array_equal(out, [[0, 0], [0, 0], [3, 4], [0, 0], [1, 2]])
+
+
+def test_item_id_dropout_replaces_only_known_item_ids():
+  from mscenario.data.schema import OOV_ID, PAD_ID
+  from mscenario.train.steps import drop_item_ids
+  r = np.random.default_rng(0)
+  sparse = r.integers(2, 50, size=(20000, 3)).astype(np.int32)
+  sparse[:100, 1] = PAD_ID
+  batch = {"sparse": jnp.asarray(sparse), "item": jnp.asarray(sparse[:, 1])}
+  key = jax.random.PRNGKey(3)
+  assert drop_item_ids(batch, key, 1, 0.0) is batch
+  out = drop_item_ids(batch, key, 1, 0.25)
+  got = np.asarray(out["sparse"])
+  np.testing.assert_array_equal(got[:, [0, 2]], sparse[:, [0, 2]])  # other slots untouched
+  np.testing.assert_array_equal(got[:100, 1], PAD_ID)                # missing stays missing
+  dropped = got[100:, 1] == OOV_ID
+  assert abs(dropped.mean() - 0.25) < 0.02
+  np.testing.assert_array_equal(got[100:, 1][~dropped], sparse[100:, 1][~dropped])
+  np.testing.assert_array_equal(np.asarray(out["item"]), sparse[:, 1])  # text rows unchanged
+  # Deterministic in the key, different across keys.
+  np.testing.assert_array_equal(np.asarray(drop_item_ids(batch, key, 1, 0.25)["sparse"]), got)
+  other = np.asarray(drop_item_ids(batch, jax.random.PRNGKey(4), 1, 0.25)["sparse"])
+  assert not np.array_equal(other, got)
+
+
+@pytest.mark.parametrize("embed_update", ["dense", "rowwise_adagrad"])
+def test_item_id_dropout_trains_the_oov_row(tmp_path, embed_update):
+  """With dropout the OOV row of the item feature gets gradient; without it, it never does."""
+  from mscenario.data.prepare import prepare
+  from mscenario.data.schema import OOV_ID
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  moved = {}
+  for rate in (0.0, 0.3):
+    config = _synthetic_config(tmp_path, f"--config.train.item_id_dropout={rate}",
+                               f"--config.train.embed_update={embed_update}")
+    data = prepare(config, log=lambda *_: None)
+    setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+    state = setup.create_state()
+    slot = [f.name for f in data.schema.sparse].index("item_id")
+    row = data.schema.embedding_offsets[slot] + OOV_ID
+    before = np.asarray(loop.embedding_table(state))[row]
+    state, _ = setup.train_step(state, loop.example_batch(data, 512))
+    moved[rate] = not np.array_equal(np.asarray(loop.embedding_table(state))[row], before)
+  assert moved == {0.0: False, 0.3: True}
+
+
+def test_item_id_dropout_rate_is_checked(tmp_path):
+  from mscenario.data.prepare import prepare
+  from mscenario.errors import ConfigError
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  config = _synthetic_config(tmp_path, "--config.train.item_id_dropout=1.5")
+  data = prepare(config, log=lambda *_: None)
+  with pytest.raises(ConfigError, match="item_id_dropout"):
+    loop.build(config, data, mesh_lib.make_mesh(config.mesh))

@@ -40,6 +40,48 @@ def test_history_matches_brute_force_and_never_leaks():
   assert ((h["hist_item"] == 0) == (h["hist_gap"] == 0)).all()
 
 
+def test_history_values_and_counts_match_brute_force():
+  rng = np.random.default_rng(1)
+  n = 500
+  users = rng.integers(0, 15, n)
+  times = rng.integers(0, 40, n).astype(np.float64)
+  stars = rng.integers(1, 6, n).astype(np.float64)
+  items = np.arange(n) + 2  # unique, so an item id names its source row
+  h = build_history(users, times, items, rng.integers(0, 3, n), (stars > 3).astype(int), 4,
+                    values=stars)
+  for i in range(n):
+    earlier = [j for j in range(n) if users[j] == users[i] and times[j] < times[i]]
+    assert h["hist_count"][i] == len(earlier)  # uncapped, strictly earlier only
+    for k in range(4):
+      src = h["hist_item"][i, k] - 2
+      if src < 0:
+        assert h["hist_value"][i, k] == 0
+        continue
+      assert src in earlier
+      assert h["hist_value"][i, k] == stars[src]
+      assert h["hist_feedback"][i, k] == (stars[src] > 3) + 1
+
+
+def test_history_stats_match_numpy():
+  from mscenario.models.sequence import history_stats
+  rng = np.random.default_rng(2)
+  b, k = 64, 30
+  filled = rng.integers(0, k + 1, b)
+  mask = np.arange(k)[None, :] < filled[:, None]  # most recent first, padding at the end
+  labels = rng.integers(0, 2, (b, k))
+  values = rng.integers(1, 6, (b, k)).astype(np.float32)
+  feedback = np.where(mask, labels + 1, 0)
+  count = filled + rng.integers(0, 100, b) * (filled == k)
+  got = np.asarray(history_stats(feedback, np.where(mask, values, 0), count))
+  cols = []
+  for w in (1, 5, 20, 30):
+    m = mask[:, :w]
+    n = np.maximum(m.sum(1), 1)
+    cols += [(labels[:, :w] * m).sum(1) / n, (values[:, :w] * m).sum(1) / n, m.sum(1) / w]
+  cols.append(np.log1p(count))
+  np.testing.assert_allclose(got, np.stack(cols, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_first_event_has_empty_history_and_feedback_is_label():
   users = np.array([1, 1, 1, 2])
   times = np.array([10.0, 20.0, 20.0, 5.0])
@@ -94,9 +136,11 @@ def test_prepared_history_is_strictly_earlier_events_of_the_same_user():
     np.testing.assert_array_equal(got, item_ids[expect])
 
 
-@pytest.mark.parametrize("kind", ["transformer", "lstm"])
-def test_sequence_features_reach_the_model_and_ignore_padding(kind):
-  config = _config(f"--config.model.sequence.kind={kind}", "--config.model.name=star")
+@pytest.mark.parametrize("kind,name", [("transformer", "star"), ("lstm", "star"),
+                                       ("stats", "star"), ("transformer", "seed"),
+                                       ("stats", "mmoe")])
+def test_sequence_features_reach_the_model_and_ignore_padding(kind, name):
+  config = _config(f"--config.model.sequence.kind={kind}", f"--config.model.name={name}")
   data = prepare(config, log=lambda *_: None)
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
   state = setup.create_state()
@@ -120,6 +164,13 @@ def test_sequence_features_reach_the_model_and_ignore_padding(kind):
   flipped = dict(batch)
   flipped["hist_feedback"] = np.where(pad, 0, 3 - batch["hist_feedback"]).astype(np.int32)
   assert np.abs(probs(flipped) - base).max() > 1e-6
+  # So do the raw feedback values and the count of earlier events.
+  for key in ("hist_value", "hist_count"):
+    changed = dict(batch)
+    changed[key] = (batch[key] * 2 + 1).astype(batch[key].dtype)
+    if key == "hist_value":
+      changed[key] = np.where(pad, 0, changed[key]).astype(np.float32)
+    assert np.abs(probs(changed) - base).max() > 1e-6, key
 
 
 def test_sequence_without_history_is_a_clear_error():

@@ -18,12 +18,17 @@ def gap_bucket(seconds: np.ndarray) -> np.ndarray:
 
 
 def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
-                  scenarios: np.ndarray, labels: np.ndarray, length: int) -> dict:
+                  scenarios: np.ndarray, labels: np.ndarray, length: int,
+                  values: np.ndarray | None = None) -> dict:
   """History arrays [N, length] aligned with the input rows.
 
-  items: item ids (>= 1 for real items); scenarios: int scenario index; labels: 0/1.
+  items: item ids (>= 1 for real items); scenarios: int scenario index; labels: 0/1;
+  values: the raw feedback the label was derived from (e.g. the 1-5 star rating; default:
+  the label), richer than the binary label for the user's recent mood.
   Returns 'hist_item' (item id), 'hist_scenario' (scenario + 1), 'hist_feedback'
-  (label + 1), 'hist_gap' (time-gap bucket); all 0 where the history is shorter than length.
+  (label + 1), 'hist_gap' (time-gap bucket), 'hist_value' (float32 raw feedback); all 0
+  where the history is shorter than length; and 'hist_count' [N] (int32), how many events
+  the user had strictly before the row (not capped at length).
   """
   n = len(users)
   order = np.lexsort((np.arange(n), times, users))
@@ -37,6 +42,10 @@ def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
          for k in ("hist_item", "hist_scenario", "hist_feedback", "hist_gap")}
   s_items, s_scen = items[order].astype(np.int32), scenarios[order].astype(np.int32)
   s_lab = labels[order].astype(np.int32)
+  s_val = (labels if values is None else values)[order].astype(np.float32)
+  out["hist_value"] = np.zeros((n, length), np.float32)
+  out["hist_count"] = np.zeros(n, np.int32)
+  out["hist_count"][order] = time_start - user_start
   for k in range(1, length + 1):
     src = time_start - k
     valid = src >= user_start
@@ -46,4 +55,5 @@ def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
     out["hist_scenario"][rows, k - 1] = s_scen[src_c][valid] + 1
     out["hist_feedback"][rows, k - 1] = s_lab[src_c][valid] + 1
     out["hist_gap"][rows, k - 1] = gap_bucket(t[valid] - t[src_c][valid])
+    out["hist_value"][rows, k - 1] = s_val[src_c][valid]
   return out

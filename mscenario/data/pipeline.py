@@ -20,7 +20,8 @@ from mscenario.data.prepare import PreparedData
 from mscenario.errors import ConfigError
 
 DEVICE_KEYS = ("sparse", "multi", "dense", "scenario", "label", "item", "weight",
-               "hist_item", "hist_scenario", "hist_feedback", "hist_gap")
+               "hist_item", "hist_scenario", "hist_feedback", "hist_gap", "hist_value",
+               "hist_count")
 
 
 class BatchIterator:

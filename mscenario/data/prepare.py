@@ -23,10 +23,11 @@ from mscenario.data.table import RawTable
 from mscenario.data.transform import Transform, as_str_column
 from mscenario.errors import ConfigError, DataError
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: histories carry hist_value and hist_count
 SPLITS = ("train", "valid", "test")
 ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth",
-               "hist_item", "hist_scenario", "hist_feedback", "hist_gap")
+               "hist_item", "hist_scenario", "hist_feedback", "hist_gap", "hist_value",
+               "hist_count")
 
 
 @dataclasses.dataclass
@@ -305,8 +306,12 @@ def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
                       f"'{data_cfg.item_field}' (sparse features: {names})")
   index = names.index(item_name)
   times = _time_column(table, data_cfg)[keep]
+  values = None  # the raw label field (e.g. 1-5 stars) when numeric: richer than the label
+  raw = table.columns.get(data_cfg.label.field)
+  if raw is not None and np.asarray(raw).dtype.kind in "fiu":
+    values = np.nan_to_num(np.asarray(raw, np.float64)[keep])
   arrays.update(build_history(arrays["user"], times, arrays["sparse"][:, index],
-                              arrays["scenario"], arrays["label"], length))
+                              arrays["scenario"], arrays["label"], length, values))
   transform.state["schema"]["history_length"] = length
   transform.state["schema"]["history_item_index"] = index
 

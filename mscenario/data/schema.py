@@ -15,6 +15,8 @@ Batch contract (numpy on host, jax arrays on device), B = batch size:
                                 most recent first, 0 = padding: hist_item (local ids of the
                                 item feature), hist_scenario (+1), hist_feedback (label + 1),
                                 hist_gap (log2-hours bucket); see data/history.py
+  'hist_value' float32 [B, K]   the raw feedback of those events (e.g. 1-5 stars), 0 = padding
+  'hist_count' int32   [B]      how many events the user had before the row (uncapped)
 Arrays with S, M or D equal to 0 are still present (shape [B, 0] etc.) so shapes never branch.
 """
 from __future__ import annotations

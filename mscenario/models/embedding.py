@@ -118,11 +118,11 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
     # The behaviour sequence joins as extra dense columns (after the data's own), so every
     # model that reads `dense` gets it; the candidate item asks the history what matters.
     from mscenario.models.sequence import SequenceEncoder
-    kind, layers, heads, width = schema.sequence
+    kind, layers, heads, width, stats = (tuple(schema.sequence) + (True,))[:5]
     summary = SequenceEncoder(base.num_scenarios, width=width, layers=layers, heads=heads,
-                              kind=kind, name="sequence")(
+                              kind=kind, stats=bool(stats), name="sequence")(
         hist_emb, batch["hist_scenario"], batch["hist_feedback"], batch["hist_gap"],
-        emb[:, base.history_item_index])
+        emb[:, base.history_item_index], batch.get("hist_value"), batch.get("hist_count"))
     dense = jnp.concatenate([dense, summary], axis=1)
   return emb, dense
 

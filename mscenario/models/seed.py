@@ -73,8 +73,12 @@ class Seed(ScenarioModel):
     emb, dense = embed_batch(self.schema, self.embed_dim, self.embed_init_std, batch)
     b = emb.shape[0]
     codes = []
+    # Columns past the data's own dense features are the behaviour-history summary
+    # (embedding.embed_batch): user behaviour, so they join the user side.
+    extra = dense[:, len(self.schema.dense):]
     for side, (emb_idx, dense_idx) in zip(("user", "item"), self.sides()):
-      x = jnp.concatenate([emb[:, emb_idx].reshape(b, -1), dense[:, dense_idx]], axis=1)
+      x = jnp.concatenate([emb[:, emb_idx].reshape(b, -1), dense[:, dense_idx]]
+                          + ([extra] if side == "user" else []), axis=1)
       codes.append(self.mlp(self.hidden, name=f"{side}_encoder")(x, train))
     context = self.param("scenario_context", SCENARIO_INIT,
                          (self.num_scenarios, self.embed_dim), jnp.float32)

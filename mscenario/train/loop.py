@@ -140,7 +140,8 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
       raise ConfigError(f"model.sequence.kind={seq.kind!r} needs behaviour histories: set "
                         "--config.data.history.length=K (e.g. 20)")
     model_schema = dataclasses.replace(
-        model_schema, sequence=(seq.kind, int(seq.layers), int(seq.heads), int(seq.width)))
+        model_schema, sequence=(seq.kind, int(seq.layers), int(seq.heads), int(seq.width),
+                                bool(seq.get("stats", True))))
   model = build_model(config.model, model_schema)
   schema = data.schema
   embed_update = config.train.embed_update
@@ -219,8 +220,16 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
       opt_state=opt_shardings, rng=rep, embed=embed_shardings)
   bs = mesh_lib.batch_sharding(mesh)
   batch_shardings = {k: bs for k in pipeline.DEVICE_KEYS if k in data.arrays or k == "weight"}
+  id_dropout = float(config.train.get("item_id_dropout", 0.0))
+  if not 0.0 <= id_dropout < 1.0:
+    raise ConfigError(f"train.item_id_dropout={id_dropout}: expected a rate in [0, 1)")
+  id_slot = fusion.item_feature_index(schema, config) if id_dropout > 0 else -1
+  if id_dropout > 0 and id_slot < 0:
+    raise ConfigError("train.item_id_dropout needs a sparse feature on the item field "
+                      f"'{config.data.item_field}'")
   step_fn = make_train_step(model, tx, schema, embed_update,
-                            config.train.embed_learning_rate, config.train.grad_clip_norm)
+                            config.train.embed_learning_rate, config.train.grad_clip_norm,
+                            (id_slot, id_dropout))
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, schema),

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from mscenario.data.schema import OOV_ID
 from mscenario.models.embedding import batch_ids
 from mscenario.train import sparse
 
@@ -27,6 +28,20 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax
   return jnp.sum(per_row * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def drop_item_ids(batch: dict, rng: jax.Array, slot: int, rate: float) -> dict:
+  """Replace known ids of sparse feature `slot` by OOV with probability `rate` (train only).
+
+  Missing (PAD) stays missing; the text tables read batch['item'], which is untouched, so a
+  text-fused model still sees the item's text when its id is dropped.
+  """
+  if rate <= 0.0 or slot < 0:
+    return batch
+  ids = batch["sparse"][:, slot]
+  drop = jax.random.bernoulli(jax.random.fold_in(rng, 0x1D), rate, ids.shape)
+  new = jnp.where(drop & (ids > OOV_ID), jnp.asarray(OOV_ID, ids.dtype), ids)
+  return {**batch, "sparse": batch["sparse"].at[:, slot].set(new)}
+
+
 def _apply(model, params, model_state, batch, train, rng):
   """Model forward; returns (logits, updated model_state).
 
@@ -44,8 +59,11 @@ def _apply(model, params, model_state, batch, train, rng):
 
 
 def make_train_step(model, tx, schema=None, embed_update: str = "dense",
-                    embed_lr: float = 0.0, clip_norm: float = 0.0):
+                    embed_lr: float = 0.0, clip_norm: float = 0.0,
+                    item_id_dropout: tuple[int, float] = (-1, 0.0)):
   """Pure step (state, batch) -> (state, metrics).
+
+  item_id_dropout = (sparse slot of the item id, rate): see drop_item_ids.
 
   Dense mode: the table is a Flax param updated by `tx` like everything else. Sparse modes
   (see train/sparse.py): the table lives in `state.embed`, the model receives the gathered
@@ -55,6 +73,7 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
   if embed_update == "dense":
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
       rng = jax.random.fold_in(state.rng, state.step)
+      batch = drop_item_ids(batch, rng, *item_id_dropout)
 
       def loss_fn(params):
         logits, new_ms = _apply(model, params, state.model_state, batch, True, rng)
@@ -72,6 +91,7 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
 
   def sparse_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
+    batch = drop_item_ids(batch, rng, *item_id_dropout)
     table = state.embed["table"]
     ids = batch_ids(schema, batch)
     uniq, inv = sparse.unique_rows(ids, table.shape[0])
