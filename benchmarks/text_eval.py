@@ -88,14 +88,24 @@ def summarise(rows: list[dict]) -> str:
   keys = sorted({(r["model"], r["variant"]) for r in rows}, key=lambda k: (k[0], k[1] != "id"))
   scen = sorted({s for r in rows for s in r["scenarios"]})
   cold = any("cold_auc" in r for r in rows)
-  head = ["model", "variant", "seeds", "overall AUC", *scen] + (["cold-item AUC"] if cold else [])
+  head = (["model", "variant", "seeds", "overall AUC", "Δ vs id (paired)", "2σ of id", *scen]
+          + (["cold-item AUC", "cold Δ vs id"] if cold else []))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m, v in keys:
     rs = [r for r in rows if r["model"] == m and r["variant"] == v]
+    ids = {r["seed"]: r for r in rows if r["model"] == m and r["variant"] == "id"}
+    paired = [(r, ids[r["seed"]]) for r in rs if r["seed"] in ids and v != "id"]
+    id_aucs = [r["auc"] for r in ids.values()]
+    two_sigma = f"{2 * statistics.stdev(id_aucs):.4f}" if len(id_aucs) > 1 else ""
     cells = [m, v, str(len(rs)), _ms([r["auc"] for r in rs]),
+             _ms([a["auc"] - b["auc"] for a, b in paired]) if paired else "",
+             two_sigma if v == "id" else "",
              *(_ms([r["scenarios"].get(s) for r in rs]) for s in scen)]
     if cold:
       cells.append(_ms([r.get("cold_auc") for r in rs]))
+      cells.append(_ms([a.get("cold_auc") - b.get("cold_auc") for a, b in paired
+                        if a.get("cold_auc") is not None and b.get("cold_auc") is not None])
+                   if paired else "")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

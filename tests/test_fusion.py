@@ -96,6 +96,21 @@ def test_every_model_takes_text_slots(name):
   assert not np.allclose(logits, other)
 
 
+def test_text_projection_mlp():
+  import dataclasses
+  batch = _batch()
+  spec = dataclasses.replace(_spec("gate"), proj_hidden=(8, 5))
+  model = build_model(model_cfg("star"), make_text_schema(SCHEMA, spec))
+  variables = _init(model, batch)
+  fusion_params = variables["params"]["text_fusion"]
+  assert fusion_params["item_proj_hidden_0"]["kernel"].shape == (TEXT_DIM, 8)
+  assert fusion_params["item_proj_hidden_1"]["kernel"].shape == (8, 5)
+  assert fusion_params["item_proj"]["kernel"].shape == (5, 4)
+  a = model.apply(_with_tables(variables, spec, _tables(0)), batch)
+  b = model.apply(_with_tables(variables, spec, _tables(1)), batch)
+  assert bool(jnp.isfinite(a).all()) and not np.allclose(a, b)
+
+
 def test_gate_values_in_unit_interval():
   batch = _batch()
   model, spec = _model("star", "gate")

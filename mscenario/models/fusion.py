@@ -50,6 +50,7 @@ class TextSpec:
   scenario_dim: int = 0
   scenario_rows: int = 0
   item_slot: int = -1          # index of the item id feature among the base sparse features
+  proj_hidden: tuple = ()      # hidden widths of the text -> embedding projection (MLP)
 
   @property
   def uses_items(self) -> bool:
@@ -121,7 +122,8 @@ def text_schema(config, schema: FeatureSchema, tables: dict) -> TextSchema:
       scenario_context=scenario_context,
       scenario_dim=int(scen.shape[1]) if scenario_context else 0,
       scenario_rows=padded_rows(scen.shape[0]) if scenario_context else 0,
-      item_slot=item_slot)
+      item_slot=item_slot,
+      proj_hidden=tuple(int(w) for w in tc.get("proj_hidden", ())))
   return make_text_schema(schema, spec)
 
 
@@ -176,6 +178,8 @@ class TextFusion(nn.Module):
         raise MscenarioError("text fusion needs batch['item'] (item vocabulary ids)")
       items = self.variable(TEXT_COLLECTION, "items", init, (spec.item_rows, spec.item_dim))
       text = jnp.take(items.value, batch["item"].astype(jnp.int32), axis=0)
+      for i, width in enumerate(spec.proj_hidden):  # optional MLP: genre x year interactions
+        text = nn.relu(nn.Dense(width, name=f"item_proj_hidden_{i}")(text))
       proj = nn.Dense(self.embed_dim, name="item_proj")(text).astype(emb.dtype)
       if spec.fusion == "concat":
         extra.append(proj)
