@@ -181,7 +181,7 @@ def base_config() -> ConfigDict:
   c.text.cache_dir = ""            # "" = <cache dir>/text
   # Fusion into the models (mscenario/models/fusion.py): concat | gate | text_only | none.
   c.text.fusion = "concat"
-  c.text.proj_hidden = ()          # hidden widths of the item text projection; () = linear
+  c.text.proj_hidden = (128,)      # hidden widths of the item text projection; () = linear
   c.text.scenario_context = False  # scenario context from its description's embedding
   c.text.item_vectors = ""         # .npy [item_vocab_size, d] or Parquet keyed by item id
   return c
