@@ -312,3 +312,41 @@ def test_item_id_dropout_rate_is_checked(tmp_path):
   data = prepare(config, log=lambda *_: None)
   with pytest.raises(ConfigError, match="item_id_dropout"):
     loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+
+
+def test_predict_scores_brand_new_items_from_their_text(tmp_path):
+  """`predict` encodes the text of items the model never saw; without that they would all
+  share one zero text row and score alike."""
+  import csv
+
+  from mscenario import cli
+  from mscenario.data import synthetic
+  from tests.test_text import _write_tiny_model
+  model_dir = str(tmp_path / "bert")
+  _write_tiny_model(model_dir)
+  workdir = str(tmp_path / "run")
+  args = [*TINY, "--config.data.synthetic.num_rows=4000", "--config.train.epochs=1",
+          "--config.text.enabled=true", "--config.text.fusion=gate",
+          f"--config.text.model_path={model_dir}"]
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  table = synthetic.load_raw(load_config(SYNTHETIC, args).data)
+  cols = ["user_id", "item_id", "gender", "region", "category", "age_bucket", "scenario",
+          "item_text"]
+  base = [table.columns[c][0] for c in cols]
+  known_text = str(table.columns["item_text"][0])
+  rows = [base,                                               # a known item
+          base[:1] + ["new-1"] + base[2:7] + ["space opera with robots"],
+          base[:1] + ["new-2"] + base[2:7] + ["a quiet cooking documentary"],
+          base[:1] + ["new-3"] + base[2:7] + ["space opera with robots"],
+          base[:1] + ["new-4"] + base[2:7] + [known_text]]
+  path, out = tmp_path / "rows.csv", tmp_path / "preds.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(cols)
+    w.writerows(rows)
+  assert cli.main(["predict", "--workdir", workdir, "--input", str(path), "--output",
+                   str(out)]) == 0
+  p = [float(r["probability"]) for r in csv.DictReader(open(out))]
+  assert p[1] == pytest.approx(p[3], abs=1e-7)   # same text -> same score
+  assert abs(p[1] - p[2]) > 1e-6                 # different text -> different score
+  assert abs(p[1] - p[4]) > 1e-6

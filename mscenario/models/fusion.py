@@ -178,6 +178,10 @@ class TextFusion(nn.Module):
         raise MscenarioError("text fusion needs batch['item'] (item vocabulary ids)")
       items = self.variable(TEXT_COLLECTION, "items", init, (spec.item_rows, spec.item_dim))
       text = jnp.take(items.value, batch["item"].astype(jnp.int32), axis=0)
+      if "item_text" in batch:  # items new at predict time, encoded from their raw text
+        fresh = batch["item_text"].astype(text.dtype)
+        fresh = jnp.pad(fresh, ((0, 0), (0, text.shape[1] - fresh.shape[1])))
+        text = jnp.where(batch["item_text_mask"][:, None], fresh, text)
       for i, width in enumerate(spec.proj_hidden):  # optional MLP: genre x year interactions
         text = nn.relu(nn.Dense(width, name=f"item_proj_hidden_{i}")(text))
       proj = nn.Dense(self.embed_dim, name="item_proj")(text).astype(emb.dtype)
