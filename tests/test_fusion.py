@@ -350,3 +350,29 @@ def test_predict_scores_brand_new_items_from_their_text(tmp_path):
   assert p[1] == pytest.approx(p[3], abs=1e-7)   # same text -> same score
   assert abs(p[1] - p[2]) > 1e-6                 # different text -> different score
   assert abs(p[1] - p[4]) > 1e-6
+
+
+def test_export_of_a_text_model_scores_like_training(tmp_path):
+  """A text-fused run exports (tables travel in the weights) and the predictor matches."""
+  from mscenario import cli
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.serve import export
+  from mscenario.serve import predictor as pred_lib
+  from mscenario.train import evaluate, loop
+  from tests.test_text import _write_tiny_model
+  model_dir = str(tmp_path / "bert")
+  _write_tiny_model(model_dir)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+  args = [*TINY, "--config.data.synthetic.num_rows=4000", "--config.train.epochs=1",
+          "--config.text.enabled=true", "--config.text.fusion=gate",
+          "--config.text.scenario_context=true", f"--config.text.model_path={model_dir}"]
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  assert cli.main(["export", "--workdir", workdir, "--out", out, "--buckets", "8,64"]) == 0
+  config, _, _, state, _ = export.restore(workdir)
+  data = loop.load_data(config, log=lambda *_: None)
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                     evaluate._text_tables(config, workdir, data))
+  want = loop.predict(setup, state, "test")
+  idx = data.splits["test"]
+  got = pred_lib.load(out).score_arrays({k: np.asarray(v[idx]) for k, v in data.arrays.items()})
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

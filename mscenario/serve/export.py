@@ -55,7 +55,11 @@ def restore(workdir: str, checkpoint: str = "best"):
                       splits={"predict": np.arange(8)}, transform=transform,
                       meta={"fingerprint": ""})
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-  setup = loop.build(config, data, mesh)
+  text_tables = None
+  if config.text.get("enabled", False):  # the frozen tables the run trained with
+    from mscenario.train.evaluate import _text_tables
+    text_tables = _text_tables(config, workdir, data)
+  setup = loop.build(config, data, mesh, text_tables)
   ckpts = ckpt_lib.Checkpoints(workdir, config.train.keep_checkpoints)
   try:
     restored = None
