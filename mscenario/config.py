@@ -182,6 +182,9 @@ def base_config() -> ConfigDict:
   # Fusion into the models (mscenario/models/fusion.py): concat | gate | text_only | none.
   c.text.fusion = "concat"
   c.text.proj_hidden = (128,)      # hidden widths of the item text projection; () = linear
+  # A scenario with no training rows (new surface, holdout) is scored as the trained scenario
+  # whose description is nearest: nearest | none (its own untrained parameters).
+  c.text.unseen_scenario = "nearest"
   c.text.scenario_context = False  # scenario context from its description's embedding
   c.text.item_vectors = ""         # .npy [item_vocab_size, d] or Parquet keyed by item id
   return c

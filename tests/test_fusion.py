@@ -376,3 +376,52 @@ def test_export_of_a_text_model_scores_like_training(tmp_path):
   idx = data.splits["test"]
   got = pred_lib.load(out).score_arrays({k: np.asarray(v[idx]) for k, v in data.arrays.items()})
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_scenario_route_hand_case():
+  from mscenario.models.fusion import scenario_route
+  d = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 1.0]])
+  assert scenario_route(d, [1, 1, 0, 0]) == (0, 1, 0, 1)
+  assert scenario_route(d, [1, 1, 1, 1]) == ()   # nothing unseen
+  assert scenario_route(d, [0, 0, 0, 0]) == ()   # nothing to route to
+
+
+def test_unseen_scenario_is_scored_as_its_nearest_trained_one(tmp_path):
+  """Holdout scenario s1 has no training rows: with text it is routed by description to a
+  trained scenario, and its rows score exactly like the same rows in that scenario."""
+  from mscenario.data.prepare import prepare
+  from mscenario.data.synthetic import SyntheticWorld
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  config = _synthetic_config(tmp_path, "--config.text.enabled=true",
+                             "--config.text.fusion=none", "--config.text.scenario_context=true",
+                             "--config.data.holdout_scenario=s1")
+  data = prepare(config, log=lambda *_: None)
+  names = list(data.schema.scenario_names)
+  s1 = names.index("s1")
+  descriptions = SyntheticWorld(config.data.synthetic).scenario_descriptions()
+  r = np.random.default_rng(0)
+  scen = r.normal(size=(len(names), 8)).astype(np.float32)
+  target = (s1 + 1) % len(names)
+  scen[s1] = scen[target] + 0.01  # s1's description is nearest to `target`'s
+  seen = np.ones(len(names), np.float32)
+  seen[s1] = 0
+  tables = {"scenarios": scen, "scenario_seen": seen}
+  assert descriptions  # the synthetic world has descriptions for its scenarios
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
+  route = setup.model.schema.text.scenario_route
+  assert route[s1] == target and all(route[i] == i for i in range(len(names)) if i != s1)
+  state = setup.create_state()
+  batch = loop.example_batch(data, 256)
+  batch["scenario"] = np.full_like(batch["scenario"], s1)
+  moved = dict(batch, scenario=np.full_like(batch["scenario"], target))
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+  from mscenario.data import pipeline
+  probs = [np.asarray(setup.eval_step(state.params, state.model_state, state.embed,
+                                      pipeline.to_global(b, sharding))) for b in (batch, moved)]
+  np.testing.assert_array_equal(probs[0], probs[1])
+  # unseen_scenario=none switches routing off.
+  with config.unlocked():
+    config.text.unseen_scenario = "none"
+  plain = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
+  assert plain.model.schema.text.scenario_route == ()

@@ -314,7 +314,9 @@ def test_encode_cli_on_synthetic(tiny_dir, tmp_path, capsys):
   with open(os.path.join(workdir, "text", "texts.json")) as f:
     texts = json.load(f)
   items, scenarios = tables["items"], tables["scenarios"]
-  assert set(tables) == {"items", "scenarios"} and items.shape[1] == scenarios.shape[1] == 32
+  assert set(tables) == {"items", "scenarios", "scenario_seen"}
+  assert items.shape[1] == scenarios.shape[1] == 32
+  assert tables["scenario_seen"].tolist() == [1.0] * scenarios.shape[0]  # all have train rows
   assert items.shape[0] == len(texts["items"]) and not items[:2].any()  # PAD / OOV rows
   assert texts["items"][2].startswith("item ") and np.linalg.norm(items[2]) > 0.99
   assert scenarios.shape[0] == len(index["scenario_names"]) >= 2

@@ -51,6 +51,9 @@ class TextSpec:
   scenario_rows: int = 0
   item_slot: int = -1          # index of the item id feature among the base sparse features
   proj_hidden: tuple = ()      # hidden widths of the text -> embedding projection (MLP)
+  # Scenario index each scenario is scored as: an unseen one (no training rows) -> the
+  # trained scenario whose description embedding is nearest (cosine); () = identity.
+  scenario_route: tuple = ()
 
   @property
   def uses_items(self) -> bool:
@@ -115,6 +118,12 @@ def text_schema(config, schema: FeatureSchema, tables: dict) -> TextSchema:
   if scen is not None and scenario_context and scen.shape[0] != schema.num_scenarios:
     raise MscenarioError(f"the scenario table has {scen.shape[0]} rows for "
                          f"{schema.num_scenarios} scenarios: re-run `mscenario encode`")
+  route = ()
+  unseen = tc.get("unseen_scenario", "nearest")
+  if unseen not in ("nearest", "none"):
+    raise ConfigError(f"text.unseen_scenario={unseen!r}: expected nearest or none")
+  if unseen == "nearest" and scen is not None and tables.get("scenario_seen") is not None:
+    route = scenario_route(scen, tables["scenario_seen"])
   spec = TextSpec(
       fusion=fusion,
       item_dim=int(items.shape[1]) if fusion != "none" else 0,
@@ -123,8 +132,34 @@ def text_schema(config, schema: FeatureSchema, tables: dict) -> TextSchema:
       scenario_dim=int(scen.shape[1]) if scenario_context else 0,
       scenario_rows=padded_rows(scen.shape[0]) if scenario_context else 0,
       item_slot=item_slot,
-      proj_hidden=tuple(int(w) for w in tc.get("proj_hidden", ())))
+      proj_hidden=tuple(int(w) for w in tc.get("proj_hidden", ())),
+      scenario_route=route)
   return make_text_schema(schema, spec)
+
+
+def scenario_route(descriptions: np.ndarray, seen: np.ndarray) -> tuple[int, ...]:
+  """For each scenario, itself if it had training rows, else the trained scenario whose
+  description embedding is most similar (cosine). () when every scenario was trained on
+  (nothing to route) or none was (nothing to route to)."""
+  seen = np.asarray(seen) > 0
+  if seen.all() or not seen.any():
+    return ()
+  d = np.asarray(descriptions, np.float64)
+  d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+  sim = d @ d[seen].T
+  nearest = np.flatnonzero(seen)[np.argmax(sim, axis=1)]
+  return tuple(int(s) if seen[s] else int(nearest[s]) for s in range(len(seen)))
+
+
+def route_scenarios(model, batch: dict) -> dict:
+  """Apply the model's scenario route (if any) to batch['scenario'], before every model
+  reads it: an unseen scenario is then scored by its nearest trained one's parameters."""
+  spec = getattr(getattr(model, "schema", None), "text", None)
+  route = getattr(spec, "scenario_route", ()) if spec is not None else ()
+  if not route:
+    return batch
+  table = jnp.asarray(route, jnp.int32)
+  return {**batch, "scenario": table[batch["scenario"].astype(jnp.int32)]}
 
 
 def make_text_schema(schema: FeatureSchema, spec: TextSpec) -> TextSchema:

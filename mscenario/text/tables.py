@@ -26,6 +26,8 @@ import numpy as np
 
 from mscenario.errors import ConfigError, MscenarioError
 
+SCENARIO_SEEN = "scenario_seen"  # [S] 1 = the scenario had training rows
+
 # Per data source, the item template used when `text.item_template` is empty.
 DEFAULT_ITEM_TEMPLATES = {"movielens": "{title} ({year}). Genres: {genres}"}
 TEXT_DIR = "text"
@@ -269,6 +271,12 @@ def encode_for_config(config, workdir: str, *, encoder=None, log=print,
     descriptions = SyntheticWorld(config.data.synthetic).scenario_descriptions()
   texts["scenarios"] = build_scenario_texts(data.schema.scenario_names, descriptions, log=log)
   tables["scenarios"] = encode_table(encoder, texts["scenarios"], cache_dir, **kw)
+  # Which scenarios have training rows: one never trained on is routed to its nearest
+  # trained neighbour by description (models/fusion.py, text.unseen_scenario).
+  train_scen = np.asarray(data.arrays["scenario"])[data.splits["train"]]
+  seen = np.bincount(train_scen, minlength=data.schema.num_scenarios) > 0
+  tables[SCENARIO_SEEN] = seen.astype(np.float32)
+  texts[SCENARIO_SEEN] = [str(bool(v)) for v in seen]
 
   user_template = _text_cfg(config, "user_template", "")
   if user_template:

@@ -10,6 +10,7 @@ from flax import struct
 
 from mscenario.data.schema import OOV_ID
 from mscenario.models.embedding import batch_ids
+from mscenario.models.fusion import route_scenarios
 from mscenario.train import sparse
 
 
@@ -48,6 +49,7 @@ def _apply(model, params, model_state, batch, train, rng):
   Only 'batch_stats' is mutable: other collections (the frozen 'text' tables) pass
   through unchanged, so training can never write to them.
   """
+  batch = route_scenarios(model, batch)
   mutable = [k for k in model_state if k == "batch_stats"] if train else False
   variables = {"params": params, **model_state}
   if mutable:
