@@ -374,8 +374,28 @@ def test_export_of_a_text_model_scores_like_training(tmp_path):
                      evaluate._text_tables(config, workdir, data))
   want = loop.predict(setup, state, "test")
   idx = data.splits["test"]
-  got = pred_lib.load(out).score_arrays({k: np.asarray(v[idx]) for k, v in data.arrays.items()})
+  model = pred_lib.load(out)
+  assert model.manifest["item_text"]["template"]
+  got = model.score_arrays({k: np.asarray(v[idx]) for k, v in data.arrays.items()})
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  # Requests: items the model never saw are scored from their text, like `predict` does.
+  from mscenario.data import synthetic
+  table = synthetic.load_raw(config.data)
+  row = {k: table.columns[k][0] for k in ("user_id", "gender", "region", "category",
+                                          "age_bucket", "item_text")}
+  row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+
+  def score(item_id, text):
+    item = dict(row, item_id=item_id, item_text=text)
+    return float(model.predict({"scenario": str(table.columns["scenario"][0]), "user": {},
+                                "items": [item]})[0])
+  a, b = score("new-1", "space opera with robots"), score("new-2", "a quiet cooking film")
+  assert score("new-3", "space opera with robots") == pytest.approx(a, abs=1e-7)
+  assert abs(a - b) > 1e-6
+  known = score(str(row["item_id"]) if "item_id" in row else str(table.columns["item_id"][0]),
+                "anything at all")
+  assert known == pytest.approx(score(str(table.columns["item_id"][0]), "other words"),
+                                abs=1e-7)  # known items keep their trained text row
 
 
 def test_scenario_route_hand_case():

@@ -111,7 +111,7 @@ def _next_version(out_dir: str) -> str:
 def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config_json: str,
                   transform_state: dict, model_name: str, source: dict,
                   buckets=DEFAULT_BUCKETS, text_dir: str | None = None, keep: int = 5,
-                  log=print) -> str:
+                  item_text: dict | None = None, log=print) -> str:
   """Write one version (temp dir + rename), then point CURRENT at it (atomic replace)."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(os.path.join(out_dir, pred_lib.VERSIONS_DIR), exist_ok=True)
@@ -133,6 +133,8 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
                    "multi": [len(schema.multi), max([f.max_len for f in schema.multi] or [0])],
                    "dense": schema.num_dense},
         "weights": "weights.safetensors", "functions": {}, "text_tables": {}}
+    if item_text:  # new items are encoded from their text at request time (predictor.py)
+      manifest["item_text"] = item_text
     w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
     platforms = _platforms()
     for b in sorted(set(int(b) for b in buckets)):
@@ -202,6 +204,20 @@ def state_weights(state) -> dict[str, np.ndarray]:
   return pred_lib.flatten(tree)
 
 
+def item_text_spec(config, workdir: str) -> dict | None:
+  """What the server needs to encode a new item's text like training did, or None."""
+  text = config.get("text", None)
+  if text is None or not text.get("enabled", False) or text.get("fusion", "concat") == "none":
+    return None
+  path = os.path.join(workdir, "text", "index.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    index = json.load(f)
+  return {"dim": int(index["dim"]), "template": index["item_template"],
+          "fingerprint": index["fingerprint"], "model_path": text.get("model_path", "")}
+
+
 def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
            checkpoint: str = "best", keep: int = 5, log=print) -> str:
   """Export a work dir's best checkpoint as a new version of `out_dir`; returns its path."""
@@ -213,4 +229,5 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
       config_json=open(os.path.join(workdir, "config.json")).read(), transform_state=transform.state,
       model_name=config.model.name,
       source={"workdir": workdir, "step": step, "checkpoint": checkpoint},
-      buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep, log=log)
+      buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep,
+      item_text=item_text_spec(config, workdir), log=log)

@@ -42,12 +42,21 @@ INPUT_KEYS = ("sparse", "multi", "dense", "scenario", "user", "item")
 
 
 def input_spec(manifest: dict, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Shapes/dtypes of the scoring function's batch argument at one bucket size."""
+  """Shapes/dtypes of the scoring function's batch argument at one bucket size.
+
+  Text-fused models also take the text vectors of items new to the model ('item_text',
+  'item_text_mask'): the server encodes those from the request's raw item fields.
+  """
   s, (m, l), d = manifest["inputs"]["sparse"], manifest["inputs"]["multi"], \
       manifest["inputs"]["dense"]
-  return {"sparse": ((batch, s), "int32"), "multi": ((batch, m, l), "int32"),
+  spec = {"sparse": ((batch, s), "int32"), "multi": ((batch, m, l), "int32"),
           "dense": ((batch, d), "float32"), "scenario": ((batch,), "int32"),
           "user": ((batch,), "int32"), "item": ((batch,), "int32")}
+  text = manifest.get("item_text")
+  if text:
+    spec["item_text"] = ((batch, int(text["dim"])), "float32")
+    spec["item_text_mask"] = ((batch,), "bool")
+  return spec
 
 
 def resolve_version_dir(model_dir: str) -> str:
@@ -215,6 +224,7 @@ class Parsed:
   columns: dict[str, list]
   scenario: int
   raw_scenario: str
+  texts: list | None = None  # item texts from the raw fields (text-fused models only)
 
 
 # ---------------------------------------------------------------------------- one version
@@ -248,6 +258,10 @@ class ModelVersion:
     self.text_tables = {}
     for name, rel in self.manifest.get("text_tables", {}).items():
       self.text_tables[name] = np.load(os.path.join(path, rel), allow_pickle=False)
+    self.item_text = self.manifest.get("item_text") or None
+    self.input_keys = tuple(input_spec(self.manifest, 1))
+    self._encoder = None
+    self._text_vectors: dict[str, np.ndarray] = {}
     self._scenario_lookup = self._build_scenario_lookup()
     self._scenario_values = np.array(sorted(self._scenario_lookup), dtype=str)
     if warm_up:
@@ -341,7 +355,17 @@ class ModelVersion:
       cols[name] = _column(name, user, items, loc, errors, _multi, (), None)
     if errors:
       raise RequestError(errors)
-    return Parsed(len(items), cols, hit[0], hit[1])
+    texts = None
+    if self.item_text:
+      from mscenario.text.tables import format_text, template_fields
+      template = self.item_text["template"]
+      fields = template_fields(template)
+      texts = []
+      for item in items:
+        values = {f: item.get(f, user.get(f)) for f in fields}
+        texts.append(format_text(template, values)
+                     if any(v not in (None, "") for v in values.values()) else None)
+    return Parsed(len(items), cols, hit[0], hit[1], texts)
 
   def encode(self, groups: Sequence["Parsed"]) -> dict[str, np.ndarray]:
     """Parsed requests -> one batch of model inputs (rows in request, then item order)."""
@@ -376,7 +400,35 @@ class ModelVersion:
                      row_line=np.arange(1, n + 1, dtype=np.int64), files=["<request>"])
     arrays, _, _ = self.transform.apply(table, on_error="raise", require_label=False)
     arrays["scenario"] = np.array([g.scenario for g in groups for _ in range(g.n)], np.int32)
-    return {k: arrays[k] for k in INPUT_KEYS}
+    out = {k: arrays[k] for k in INPUT_KEYS}
+    if self.item_text:
+      texts = [t for g in groups for t in (g.texts or [None] * g.n)]
+      out["item_text"], out["item_text_mask"] = self._new_item_text(out["item"], texts)
+    return out
+
+  def _new_item_text(self, items: np.ndarray, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Text vectors for items unknown to the model (OOV) that came with text fields."""
+    dim = int(self.item_text["dim"])
+    mask = np.array([t is not None for t in texts], bool) & (np.asarray(items) == schema_lib.OOV_ID)
+    vecs = np.zeros((len(texts), dim), np.float32)
+    if mask.any():
+      todo = sorted({texts[i] for i in np.flatnonzero(mask)} - set(self._text_vectors))
+      if todo:
+        if self._encoder is None:  # loaded on the first new item, not at start-up
+          from mscenario.text.encoder import load_encoder
+          self._encoder = load_encoder(self.item_text.get("model_path") or None)
+          if self._encoder.fingerprint != self.item_text["fingerprint"]:
+            raise MscenarioError(
+                f"text model {self._encoder.model_dir} is not the one this model was trained "
+                f"with (fingerprint {self._encoder.fingerprint} != "
+                f"{self.item_text['fingerprint']})")
+        if len(self._text_vectors) > 100_000:  # bounded memo of encoded texts
+          self._text_vectors.clear()
+        for t, v in zip(todo, self._encoder.encode(todo, progress=False)):
+          self._text_vectors[t] = np.asarray(v, np.float32)
+      for i in np.flatnonzero(mask):
+        vecs[i] = self._text_vectors[texts[i]]
+    return vecs, mask
 
   # -- scoring -----------------------------------------------------------------------------
   def empty_batch(self, n: int) -> dict[str, np.ndarray]:
@@ -386,6 +438,10 @@ class ModelVersion:
   def score_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Probabilities [N] for model-input arrays, padded into the compiled bucket sizes."""
     n = len(arrays["scenario"])
+    missing = [k for k in self.input_keys if k not in arrays]
+    if missing:  # e.g. prepared arrays without new-item text: no row is new
+      spec = input_spec(self.manifest, n)
+      arrays = {**arrays, **{k: np.zeros(spec[k][0], spec[k][1]) for k in missing}}
     out = []
     start = 0
     largest = self.buckets[-1]
@@ -394,7 +450,7 @@ class ModelVersion:
       b = next((b for b in self.buckets if b >= left), largest)
       take = min(left, b)
       chunk = {}
-      for k in INPUT_KEYS:
+      for k in self.input_keys:
         a = np.asarray(arrays[k][start:start + take])
         if take < b:
           pad = np.zeros((b - take,) + a.shape[1:], a.dtype)
