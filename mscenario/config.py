@@ -185,6 +185,9 @@ def base_config() -> ConfigDict:
   # A scenario with no training rows (new surface, holdout) is scored as the trained scenario
   # whose description is nearest: nearest | none (its own untrained parameters).
   c.text.unseen_scenario = "nearest"
+  # With data.history: the candidate's text attends over the user's history items' texts ->
+  # label / rating given to similar items (models/fusion.py history_affinity).
+  c.text.history_affinity = True
   c.text.scenario_context = False  # scenario context from its description's embedding
   c.text.item_vectors = ""         # .npy [item_vocab_size, d] or Parquet keyed by item id
   return c

@@ -445,3 +445,59 @@ def test_unseen_scenario_is_scored_as_its_nearest_trained_one(tmp_path):
     config.text.unseen_scenario = "none"
   plain = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
   assert plain.model.schema.text.scenario_route == ()
+
+
+def test_history_affinity_matches_numpy():
+  from mscenario.models.fusion import history_affinity
+  r = np.random.default_rng(0)
+  b, k, e = 16, 7, 5
+  cand, hist = r.normal(size=(b, e)), r.normal(size=(b, k, e))
+  filled = r.integers(0, k + 1, b)
+  mask = np.arange(k)[None] < filled[:, None]
+  labels, values = r.integers(0, 2, (b, k)), r.integers(1, 6, (b, k)).astype(np.float64)
+  feedback = np.where(mask, labels + 1, 0)
+  got = np.asarray(history_affinity(jnp.asarray(cand), jnp.asarray(hist), jnp.asarray(feedback),
+                                    jnp.asarray(np.where(mask, values, 0)), 3.0))
+  for i in range(b):
+    m = mask[i]
+    if not m.any():
+      np.testing.assert_allclose(got[i], [0, 0, -1, 0], atol=1e-6)
+      continue
+    c = cand[i] / np.linalg.norm(cand[i])
+    h = hist[i][m] / np.linalg.norm(hist[i][m], axis=1, keepdims=True)
+    sim = h @ c
+    w = np.exp(3 * sim) / np.exp(3 * sim).sum()
+    want = [(w * labels[i][m]).sum(), (w * values[i][m]).sum(), sim.max(), sim.mean()]
+    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_history_affinity_reaches_the_model(tmp_path):
+  """Text + history (no sequence encoder): the labels the user gave past items change the
+  score through the content affinity; without history the dense input has no extra columns."""
+  from mscenario.data import pipeline
+  from mscenario.data.prepare import prepare
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  config = _synthetic_config(tmp_path, "--config.text.enabled=true", "--config.text.fusion=gate",
+                             "--config.data.history.length=5", "--config.model.name=star")
+  data = prepare(config, log=lambda *_: None)
+  keys = np.asarray(data.arrays["hist_item_key"])
+  items = np.asarray(data.arrays["item"])
+  # hist_item_key holds the item vocabulary ids of earlier events (the text-table rows).
+  assert ((keys > 0) == (np.asarray(data.arrays["hist_item"]) > 0)).all()
+  assert np.isin(keys[keys > 0], items).all()
+  r = np.random.default_rng(0)
+  tables = {"items": r.normal(size=(data.schema.item_vocab_size, 8)).astype(np.float32),
+            "scenarios": r.normal(size=(data.schema.num_scenarios, 8)).astype(np.float32)}
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
+  assert setup.model.schema.text.history_affinity
+  state = setup.create_state()
+  batch = loop.example_batch(data, 256)
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+
+  def probs(b):
+    return np.asarray(setup.eval_step(state.params, state.model_state, state.embed,
+                                      pipeline.to_global(b, sharding)))
+  flipped = dict(batch, hist_feedback=np.where(batch["hist_feedback"] > 0,
+                                               3 - batch["hist_feedback"], 0).astype(np.int32))
+  assert np.abs(probs(flipped) - probs(batch)).max() > 1e-6

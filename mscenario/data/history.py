@@ -19,7 +19,7 @@ def gap_bucket(seconds: np.ndarray) -> np.ndarray:
 
 def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
                   scenarios: np.ndarray, labels: np.ndarray, length: int,
-                  values: np.ndarray | None = None) -> dict:
+                  values: np.ndarray | None = None, keys: np.ndarray | None = None) -> dict:
   """History arrays [N, length] aligned with the input rows.
 
   items: item ids (>= 1 for real items); scenarios: int scenario index; labels: 0/1;
@@ -28,7 +28,8 @@ def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
   Returns 'hist_item' (item id), 'hist_scenario' (scenario + 1), 'hist_feedback'
   (label + 1), 'hist_gap' (time-gap bucket), 'hist_value' (float32 raw feedback); all 0
   where the history is shorter than length; and 'hist_count' [N] (int32), how many events
-  the user had strictly before the row (not capped at length).
+  the user had strictly before the row (not capped at length). `keys` (e.g. item vocabulary
+  ids, which index the text tables) give 'hist_item_key' the same way as 'hist_item'.
   """
   n = len(users)
   order = np.lexsort((np.arange(n), times, users))
@@ -46,6 +47,10 @@ def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
   out["hist_value"] = np.zeros((n, length), np.float32)
   out["hist_count"] = np.zeros(n, np.int32)
   out["hist_count"][order] = time_start - user_start
+  s_keys = None
+  if keys is not None:
+    s_keys = keys[order].astype(np.int32)
+    out["hist_item_key"] = np.zeros((n, length), np.int32)
   for k in range(1, length + 1):
     src = time_start - k
     valid = src >= user_start
@@ -56,4 +61,6 @@ def build_history(users: np.ndarray, times: np.ndarray, items: np.ndarray,
     out["hist_feedback"][rows, k - 1] = s_lab[src_c][valid] + 1
     out["hist_gap"][rows, k - 1] = gap_bucket(t[valid] - t[src_c][valid])
     out["hist_value"][rows, k - 1] = s_val[src_c][valid]
+    if s_keys is not None:
+      out["hist_item_key"][rows, k - 1] = s_keys[src_c][valid]
   return out

@@ -23,11 +23,11 @@ from mscenario.data.table import RawTable
 from mscenario.data.transform import Transform, as_str_column
 from mscenario.errors import ConfigError, DataError
 
-PREP_VERSION = 2  # 2: histories carry hist_value and hist_count
+PREP_VERSION = 3  # 2: histories carry hist_value and hist_count; 3: hist_item_key
 SPLITS = ("train", "valid", "test")
 ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth",
                "hist_item", "hist_scenario", "hist_feedback", "hist_gap", "hist_value",
-               "hist_count")
+               "hist_count", "hist_item_key")
 
 
 @dataclasses.dataclass
@@ -311,7 +311,8 @@ def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
   if raw is not None and np.asarray(raw).dtype.kind in "fiu":
     values = np.nan_to_num(np.asarray(raw, np.float64)[keep])
   arrays.update(build_history(arrays["user"], times, arrays["sparse"][:, index],
-                              arrays["scenario"], arrays["label"], length, values))
+                              arrays["scenario"], arrays["label"], length, values,
+                              keys=arrays["item"]))
   transform.state["schema"]["history_length"] = length
   transform.state["schema"]["history_item_index"] = index
 

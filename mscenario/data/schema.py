@@ -17,6 +17,7 @@ Batch contract (numpy on host, jax arrays on device), B = batch size:
                                 hist_gap (log2-hours bucket); see data/history.py
   'hist_value' float32 [B, K]   the raw feedback of those events (e.g. 1-5 stars), 0 = padding
   'hist_count' int32   [B]      how many events the user had before the row (uncapped)
+  'hist_item_key' int32 [B, K]  item vocabulary ids of those events (index the text tables)
 Arrays with S, M or D equal to 0 are still present (shape [B, 0] etc.) so shapes never branch.
 """
 from __future__ import annotations

@@ -112,8 +112,11 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   emb, hist_emb = out if hist is not None else (out, None)
   if text is not None:
     from mscenario.models.fusion import TextFusion
-    emb = TextFusion(text, embed_dim, len(base.sparse), name="text_fusion")(emb, batch)
+    emb, affinity = TextFusion(text, embed_dim, len(base.sparse), name="text_fusion")(emb,
+                                                                                     batch)
   dense = batch["dense"].astype(jnp.float32)
+  if text is not None:
+    dense = jnp.concatenate([dense, affinity], axis=1)  # history content affinity (or [B, 0])
   if hist is not None:
     # The behaviour sequence joins as extra dense columns (after the data's own), so every
     # model that reads `dense` gets it; the candidate item asks the history what matters.

@@ -54,6 +54,9 @@ class TextSpec:
   # Scenario index each scenario is scored as: an unseen one (no training rows) -> the
   # trained scenario whose description embedding is nearest (cosine); () = identity.
   scenario_route: tuple = ()
+  # Content affinity: the candidate's projected text attends over the projected texts of the
+  # user's history items (needs data.history) -> label / value the user gave similar items.
+  history_affinity: bool = False
 
   @property
   def uses_items(self) -> bool:
@@ -133,7 +136,9 @@ def text_schema(config, schema: FeatureSchema, tables: dict) -> TextSchema:
       scenario_rows=padded_rows(scen.shape[0]) if scenario_context else 0,
       item_slot=item_slot,
       proj_hidden=tuple(int(w) for w in tc.get("proj_hidden", ())),
-      scenario_route=route)
+      scenario_route=route,
+      history_affinity=bool(tc.get("history_affinity", True)) and fusion != "none"
+      and bool(schema.history_length))
   return make_text_schema(schema, spec)
 
 
@@ -196,18 +201,51 @@ def _zeros(shape):
   return jnp.zeros(shape, jnp.float32)
 
 
+AFFINITY_FEATURES = 4
+
+
+def history_affinity(cand: jax.Array, hist: jax.Array, feedback: jax.Array,
+                     value: jax.Array, temperature: jax.Array) -> jax.Array:
+  """[B, 4]: what the user gave items whose text resembles the candidate's.
+
+  cand [B, E] and hist [B, K, E] projected texts; feedback [B, K] (label + 1, 0 = padding),
+  value [B, K] raw feedback. Cosine similarities, softmax-weighted (learned temperature)
+  means of label and value, plus the max and mean similarity. A brand-new item has no id
+  embedding, but a user who loved every similar film is still visible here.
+  """
+  mask = feedback > 0
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  sim = jnp.einsum("be,bke->bk", unit(cand), unit(hist))
+  weights = jax.nn.softmax(jnp.where(mask, sim * temperature, -1e9), axis=-1)
+  weights = weights * mask.any(axis=1, keepdims=True)
+  label = jnp.maximum(feedback - 1, 0).astype(jnp.float32)
+  n = jnp.maximum(mask.sum(axis=1), 1)
+  return jnp.stack([(weights * label).sum(1), (weights * value * mask).sum(1),
+                    jnp.where(mask, sim, -1.0).max(1), (sim * mask).sum(1) / n], axis=1)
+
+
 class TextFusion(nn.Module):
-  """emb [B, S + M, E] (base sparse slots, then pooled multi) -> fused embeddings."""
+  """emb [B, S + M, E] (base sparse slots, then pooled multi) -> (fused embeddings, extra
+  dense columns [B, D'] from the history affinity, D' = 0 without it)."""
   spec: TextSpec
   embed_dim: int
   n_sparse: int
 
   @nn.compact
-  def __call__(self, emb: jax.Array, batch: dict) -> jax.Array:
+  def __call__(self, emb: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
     spec = self.spec
     init = nn.with_logical_partitioning(_zeros, TEXT_AXES)
     sparse, multi = emb[:, : self.n_sparse], emb[:, self.n_sparse:]
     extra = []
+    dense = jnp.zeros((emb.shape[0], 0), jnp.float32)
+    hidden = [nn.Dense(w, name=f"item_proj_hidden_{i}") for i, w in enumerate(spec.proj_hidden)]
+    out_layer = nn.Dense(self.embed_dim, name="item_proj")
+
+    def project(t):  # optional MLP (genre x year interactions), then to the embedding width
+      for layer in hidden:
+        t = nn.relu(layer(t))
+      return out_layer(t)
+
     if spec.uses_items:
       if "item" not in batch:
         raise MscenarioError("text fusion needs batch['item'] (item vocabulary ids)")
@@ -217,9 +255,13 @@ class TextFusion(nn.Module):
         fresh = batch["item_text"].astype(text.dtype)
         fresh = jnp.pad(fresh, ((0, 0), (0, text.shape[1] - fresh.shape[1])))
         text = jnp.where(batch["item_text_mask"][:, None], fresh, text)
-      for i, width in enumerate(spec.proj_hidden):  # optional MLP: genre x year interactions
-        text = nn.relu(nn.Dense(width, name=f"item_proj_hidden_{i}")(text))
-      proj = nn.Dense(self.embed_dim, name="item_proj")(text).astype(emb.dtype)
+      proj = project(text).astype(emb.dtype)
+      if spec.history_affinity and "hist_item_key" in batch:
+        hist_text = jnp.take(items.value, batch["hist_item_key"].astype(jnp.int32), axis=0)
+        temperature = self.param("affinity_temperature", nn.initializers.constant(5.0), ())
+        dense = history_affinity(proj.astype(jnp.float32),
+                                 project(hist_text).astype(jnp.float32),
+                                 batch["hist_feedback"], batch["hist_value"], temperature)
       if spec.fusion == "concat":
         extra.append(proj)
       else:
@@ -237,7 +279,7 @@ class TextFusion(nn.Module):
                            (spec.scenario_rows, spec.scenario_dim))
       text = jnp.take(scen.value, batch["scenario"].astype(jnp.int32), axis=0)
       extra.append(nn.Dense(self.embed_dim, name="scenario_proj")(text).astype(emb.dtype))
-    return jnp.concatenate([sparse, *(e[:, None] for e in extra), multi], axis=1)
+    return jnp.concatenate([sparse, *(e[:, None] for e in extra), multi], axis=1), dense
 
 
 # ---------------------------------------------------------------------------- loading
