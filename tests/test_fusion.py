@@ -501,3 +501,14 @@ def test_history_affinity_reaches_the_model(tmp_path):
   flipped = dict(batch, hist_feedback=np.where(batch["hist_feedback"] > 0,
                                                3 - batch["hist_feedback"], 0).astype(np.int32))
   assert np.abs(probs(flipped) - probs(batch)).max() > 1e-6
+
+
+def test_history_affinity_gradient_is_finite_at_zero_vectors():
+  from mscenario.models.fusion import history_affinity
+  cand = jnp.zeros((2, 3))
+  hist = jnp.zeros((2, 4, 3))
+  feedback = jnp.array([[2, 1, 0, 0], [0, 0, 0, 0]])
+  value = jnp.array([[5.0, 1.0, 0, 0], [0, 0, 0, 0]])
+  grads = jax.grad(lambda c, h: history_affinity(c, h, feedback, value, 5.0).sum(),
+                   argnums=(0, 1))(cand, hist)
+  assert all(bool(jnp.isfinite(g).all()) for g in grads)

@@ -214,7 +214,9 @@ def history_affinity(cand: jax.Array, hist: jax.Array, feedback: jax.Array,
   embedding, but a user who loved every similar film is still visible here.
   """
   mask = feedback > 0
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  # sqrt(|x|^2 + eps), not linalg.norm: the norm's gradient at a zero vector (padding rows
+  # project to 0 while biases are 0) is NaN, and jnp.where does not stop a NaN gradient.
+  unit = lambda x: x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
   sim = jnp.einsum("be,bke->bk", unit(cand), unit(hist))
   weights = jax.nn.softmax(jnp.where(mask, sim * temperature, -1e9), axis=-1)
   weights = weights * mask.any(axis=1, keepdims=True)
