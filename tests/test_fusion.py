@@ -501,6 +501,11 @@ def test_history_affinity_reaches_the_model(tmp_path):
   flipped = dict(batch, hist_feedback=np.where(batch["hist_feedback"] > 0,
                                                3 - batch["hist_feedback"], 0).astype(np.int32))
   assert np.abs(probs(flipped) - probs(batch)).max() > 1e-6
+  # A batch of 16 (16 x 5 history keys < table rows) projects gathered rows instead of the
+  # whole table: same numbers.
+  assert setup.model.schema.text.item_rows > 16 * 5
+  small = {k: v[:16] for k, v in batch.items()}
+  np.testing.assert_allclose(probs(small), probs(batch)[:16], atol=1e-6)
 
 
 def test_history_affinity_gradient_is_finite_at_zero_vectors():

@@ -259,10 +259,13 @@ class TextFusion(nn.Module):
         text = jnp.where(batch["item_text_mask"][:, None], fresh, text)
       proj = project(text).astype(emb.dtype)
       if spec.history_affinity and "hist_item_key" in batch:
-        hist_text = jnp.take(items.value, batch["hist_item_key"].astype(jnp.int32), axis=0)
+        keys = batch["hist_item_key"].astype(jnp.int32)
+        if spec.item_rows <= keys.size:  # project the table once, then gather (cheaper)
+          hist_proj = jnp.take(project(items.value), keys, axis=0)
+        else:                             # huge catalogue: project only what is read
+          hist_proj = project(jnp.take(items.value, keys, axis=0))
         temperature = self.param("affinity_temperature", nn.initializers.constant(5.0), ())
-        dense = history_affinity(proj.astype(jnp.float32),
-                                 project(hist_text).astype(jnp.float32),
+        dense = history_affinity(proj.astype(jnp.float32), hist_proj.astype(jnp.float32),
                                  batch["hist_feedback"], batch["hist_value"], temperature)
       if spec.fusion == "concat":
         extra.append(proj)
