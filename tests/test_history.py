@@ -179,3 +179,14 @@ def test_sequence_without_history_is_a_clear_error():
   data = prepare(config, log=lambda *_: None)
   with pytest.raises(ConfigError, match="history.length"):
     loop.build(config, data, mesh_lib.make_mesh(config.mesh))
+
+
+def test_export_of_a_history_model_is_a_clear_error(tmp_path):
+  from mscenario import cli
+  workdir = str(tmp_path / "run")
+  args = [*TINY, "--config.data.history.length=4", "--config.model.sequence.kind=stats",
+          "--config.train.epochs=1"]
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  with pytest.raises(Exception, match="behaviour histories"):
+    from mscenario.serve import export
+    export.export(workdir, str(tmp_path / "out"))

@@ -48,6 +48,11 @@ def restore(workdir: str, checkpoint: str = "best"):
                            "training run?")
   with open(os.path.join(workdir, "config.json")) as f:
     config = config_lib.from_json(f.read())
+  if int(config.data.get("history", {}).get("length", 0) or 0) > 0:
+    raise MscenarioError(
+        f"{workdir} was trained with behaviour histories (data.history.length="
+        f"{config.data.history.length}); export cannot serve those yet: a request would have "
+        "to carry the user's recent events. Use `mscenario predict` for such models.")
   with open(os.path.join(workdir, "transform.json")) as f:
     transform = Transform(json.load(f))
   config.mesh.data, config.mesh.model = 1, 1  # export runs on one device
