@@ -214,11 +214,8 @@ def item_text_spec(config, workdir: str) -> dict | None:
   text = config.get("text", None)
   if text is None or not text.get("enabled", False) or text.get("fusion", "concat") == "none":
     return None
-  path = os.path.join(workdir, "text", "index.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    index = json.load(f)
+  from mscenario.text.tables import read_text_index
+  index = read_text_index(workdir)  # a text run always has one (train encodes first)
   return {"dim": int(index["dim"]), "template": index["item_template"],
           "fingerprint": index["fingerprint"], "model_path": text.get("model_path", "")}
 

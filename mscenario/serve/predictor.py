@@ -224,7 +224,10 @@ class Parsed:
   columns: dict[str, list]
   scenario: int
   raw_scenario: str
-  texts: list | None = None  # item texts from the raw fields (text-fused models only)
+  # Raw request objects, kept (by reference) so that a text-fused model can build the text
+  # of an item it does not know; formatting happens only for those rows (encode).
+  user: dict | None = None
+  items: list | None = None
 
 
 # ---------------------------------------------------------------------------- one version
@@ -355,17 +358,7 @@ class ModelVersion:
       cols[name] = _column(name, user, items, loc, errors, _multi, (), None)
     if errors:
       raise RequestError(errors)
-    texts = None
-    if self.item_text:
-      from mscenario.text.tables import format_text, template_fields
-      template = self.item_text["template"]
-      fields = template_fields(template)
-      texts = []
-      for item in items:
-        values = {f: item.get(f, user.get(f)) for f in fields}
-        texts.append(format_text(template, values)
-                     if any(v not in (None, "") for v in values.values()) else None)
-    return Parsed(len(items), cols, hit[0], hit[1], texts)
+    return Parsed(len(items), cols, hit[0], hit[1], user, items)
 
   def encode(self, groups: Sequence["Parsed"]) -> dict[str, np.ndarray]:
     """Parsed requests -> one batch of model inputs (rows in request, then item order)."""
@@ -402,26 +395,36 @@ class ModelVersion:
     arrays["scenario"] = np.array([g.scenario for g in groups for _ in range(g.n)], np.int32)
     out = {k: arrays[k] for k in INPUT_KEYS}
     if self.item_text:
-      texts = [t for g in groups for t in (g.texts or [None] * g.n)]
-      out["item_text"], out["item_text_mask"] = self._new_item_text(out["item"], texts)
+      out["item_text"], out["item_text_mask"] = self._new_item_text(out["item"], groups)
     return out
 
-  def _new_item_text(self, items: np.ndarray, texts: list) -> tuple[np.ndarray, np.ndarray]:
+  def _item_texts(self, items: np.ndarray, groups: Sequence["Parsed"]) -> list:
+    """The template text of every row whose item the model does not know (else None)."""
+    from mscenario.text.tables import format_text, template_fields
+    template = self.item_text["template"]
+    fields = template_fields(template)
+    raw = [(g.user or {}, item) for g in groups for item in (g.items or [{}] * g.n)]
+    texts = [None] * len(raw)
+    for i in np.flatnonzero(np.asarray(items) == schema_lib.OOV_ID).tolist():
+      user, item = raw[i]
+      values = {f: item.get(f, user.get(f)) for f in fields}
+      if any(v not in (None, "") for v in values.values()):
+        texts[i] = format_text(template, values)
+    return texts
+
+  def _new_item_text(self, items: np.ndarray,
+                     groups: Sequence["Parsed"]) -> tuple[np.ndarray, np.ndarray]:
     """Text vectors for items unknown to the model (OOV) that came with text fields."""
-    dim = int(self.item_text["dim"])
-    mask = np.array([t is not None for t in texts], bool) & (np.asarray(items) == schema_lib.OOV_ID)
-    vecs = np.zeros((len(texts), dim), np.float32)
+    texts = self._item_texts(items, groups)
+    mask = np.array([t is not None for t in texts], bool)
+    vecs = np.zeros((len(texts), int(self.item_text["dim"])), np.float32)
     if mask.any():
       todo = sorted({texts[i] for i in np.flatnonzero(mask)} - set(self._text_vectors))
       if todo:
         if self._encoder is None:  # loaded on the first new item, not at start-up
-          from mscenario.text.encoder import load_encoder
-          self._encoder = load_encoder(self.item_text.get("model_path") or None)
-          if self._encoder.fingerprint != self.item_text["fingerprint"]:
-            raise MscenarioError(
-                f"text model {self._encoder.model_dir} is not the one this model was trained "
-                f"with (fingerprint {self._encoder.fingerprint} != "
-                f"{self.item_text['fingerprint']})")
+          from mscenario.text.tables import load_matching_encoder
+          self._encoder = load_matching_encoder(self.item_text.get("model_path"),
+                                                self.item_text["fingerprint"], self.path)
         if len(self._text_vectors) > 100_000:  # bounded memo of encoded texts
           self._text_vectors.clear()
         for t, v in zip(todo, self._encoder.encode(todo, progress=False)):

@@ -303,35 +303,51 @@ def encode_for_config(config, workdir: str, *, encoder=None, log=print,
   return index
 
 
+def read_text_index(workdir: str) -> dict:
+  """`<workdir>/text/index.json`, the record `encode` writes last (model, template, tables)."""
+  path = os.path.join(workdir, TEXT_DIR, INDEX_FILE)
+  if not os.path.isfile(path):
+    raise MscenarioError(f"{path} does not exist: run `mscenario encode --config ... "
+                         f"--workdir {workdir}` first")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_matching_encoder(model_path: str | None, fingerprint: str, trained_by: str):
+  """The text encoder at `model_path` (None = packaged), refused unless it is the model the
+  tables were made with: vectors from another model would be silently meaningless."""
+  from mscenario.text.encoder import load_encoder
+  encoder = load_encoder(model_path or None)
+  if encoder.fingerprint != fingerprint:
+    raise MscenarioError(f"text model {encoder.model_dir} is not the one {trained_by} was "
+                         f"trained with (fingerprint {encoder.fingerprint} != {fingerprint}); "
+                         "set --config.text.model_path")
+  return encoder
+
+
 def new_item_text_vectors(config, workdir: str, columns: Mapping[str, Sequence],
-                          item_ids: np.ndarray, *,
+                          item_ids: np.ndarray, rows: np.ndarray, *,
                           log=print) -> tuple[np.ndarray, np.ndarray] | None:
   """Per-row text vectors for rows whose item is unknown to the trained model (OOV).
 
   A brand-new item has no row in the trained text table, but its raw fields are in the
   input: fill the run's item template (<workdir>/text/index.json) and encode it with the
-  same model, so it is scored from its text instead of a zero row. Returns (vectors [N, dim]
-  float32, mask [N] bool), or None when no row needs it.
+  same model, so it is scored from its text instead of a zero row. Output row i reads raw
+  row rows[i] of `columns`. Returns (vectors [N, dim] float32, mask [N] bool), or None when
+  no row needs it.
   """
   from mscenario.data.schema import OOV_ID
-  from mscenario.text.encoder import load_encoder
-  path = os.path.join(workdir, TEXT_DIR, INDEX_FILE)
-  with open(path) as f:
-    index = json.load(f)
+  index = read_text_index(workdir)
   template = index["item_template"]
-  fields = template_fields(template)
   new = np.asarray(item_ids) == OOV_ID
-  present = [f for f in fields if f in columns]
+  present = [f for f in template_fields(template) if f in columns]
   if not new.any() or not present:
     return None
-  texts = [format_text(template, {f: columns[f][i] for f in present}) if n else None
-           for i, n in enumerate(new.tolist())]
-  model_path = _text_cfg(config, "model_path", "") or None
-  encoder = load_encoder(model_path)
-  if encoder.fingerprint != index["fingerprint"]:
-    raise MscenarioError(f"text model {encoder.model_dir} is not the one {workdir} was "
-                         f"trained with (fingerprint {encoder.fingerprint} != "
-                         f"{index['fingerprint']}); set --config.text.model_path")
+  texts = [None] * len(new)
+  for i in np.flatnonzero(new).tolist():  # format only the new items' rows
+    texts[i] = format_text(template, {f: columns[f][rows[i]] for f in present})
+  encoder = load_matching_encoder(_text_cfg(config, "model_path", ""), index["fingerprint"],
+                                  workdir)
   cache_dir = _text_cfg(config, "cache_dir", "") or default_text_cache_dir()
   vecs = encode_table(encoder, texts, cache_dir, progress=False, log=None)
   log(f"text: encoded {int(new.sum()):,} rows of items unknown to the model from their "
@@ -341,12 +357,7 @@ def new_item_text_vectors(config, workdir: str, columns: Mapping[str, Sequence],
 
 def load_text_tables(workdir: str, fingerprint: str | None = None) -> dict[str, np.ndarray]:
   """The tables `encode` wrote ('items', 'scenarios', maybe 'users'), as float32 arrays."""
-  path = os.path.join(workdir, TEXT_DIR, INDEX_FILE)
-  if not os.path.isfile(path):
-    raise MscenarioError(f"{path} does not exist: run `mscenario encode --config ... "
-                         f"--workdir {workdir}` first")
-  with open(path) as f:
-    index = json.load(f)
+  index = read_text_index(workdir)
   if fingerprint is not None and index["fingerprint"] != fingerprint:
     raise MscenarioError(f"text tables in {workdir} were made with another model "
                          f"({index['fingerprint']}, not {fingerprint}): run `encode` again")

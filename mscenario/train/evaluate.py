@@ -76,8 +76,8 @@ def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.
     raise MscenarioError(f"{input_path}: no rows to score")
   if cfg.text.enabled and cfg.text.get("fusion", "concat") != "none":
     from mscenario.text.tables import new_item_text_vectors
-    kept = {k: np.asarray(v)[keep] for k, v in table.columns.items()}
-    fresh = new_item_text_vectors(cfg, workdir, kept, arrays["item"])
+    fresh = new_item_text_vectors(cfg, workdir, table.columns, arrays["item"],
+                                  np.flatnonzero(keep))
     if fresh is not None:
       arrays["item_text"], arrays["item_text_mask"] = fresh
   data = PreparedData(path="", arrays=arrays, splits={"predict": np.arange(n)},
