@@ -24,13 +24,12 @@ def _load_config(args, overrides):
   from mscenario import config as config_lib
   if args.config:
     return config_lib.load_config(args.config, overrides)
-  path = os.path.join(args.workdir, "config.json")
-  if not os.path.exists(path):
-    raise MscenarioError(f"no --config given and {path} does not exist: pass --config "
-                         "configs/NAME.py (or a work dir of a previous run)")
-  with open(path) as f:
-    cfg = config_lib.from_json(f.read())
-  return config_lib.apply_overrides(cfg, overrides)
+  from mscenario.train.workdir import CONFIG, WorkDir
+  wd = WorkDir(args.workdir)
+  if not wd.exists(CONFIG):
+    raise MscenarioError(f"no --config given and {wd.file(CONFIG)} does not exist: pass "
+                         "--config configs/NAME.py (or a work dir of a previous run)")
+  return wd.read_config(overrides)
 
 
 def cmd_train(args, overrides):

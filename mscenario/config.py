@@ -76,6 +76,11 @@ def base_config() -> ConfigDict:
   c.data.split.seed = -1           # -1 = use c.seed
   c.data.history = ConfigDict()
   c.data.history.length = 0        # K previous events per row (data/history.py); 0 = none
+  # Device-resident input (train/fit.py): upload the prepared columns to every device once and
+  # gather batches there, `train.steps_per_call` steps per host call. auto = when the columns
+  # fit `device_budget_mb` per device; always; never (host pipeline, prefetched).
+  c.data.on_device = "auto"
+  c.data.device_budget_mb = 1024
   c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
   # Extra embedding rows per vocabulary feature, as a fraction of its fitted size, for values
   # first seen by `mscenario update` (0 = none: new values stay OOV; hashed features need none).
@@ -160,6 +165,9 @@ def base_config() -> ConfigDict:
   c.train.log_every_steps = 50
   c.train.threshold = 0.5          # for accuracy / precision / recall / F1
   c.train.prefetch = 2
+  # Steps per host call with device-resident data (a lax.scan over the steps): logging, NaN
+  # checks and checkpoints happen at call boundaries; resume stays exact at any step.
+  c.train.steps_per_call = 32
   c.train.stop_after_steps = -1    # testing hook: stop (as if killed) after this global step
 
   # ---- parallelism ----------------------------------------------------------------------

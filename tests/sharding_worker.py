@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 
 import jax
@@ -79,7 +80,45 @@ def restore_across_meshes(config, data, workdir):
           "restored_shards": shards}
 
 
+def fit_paths(config, data, shape, workdir, steps_per_call=4):
+  """Train one epoch from the host pipeline and from device-resident columns (scanned
+  calls); returns the largest parameter difference (0.0 = bit-identical) and each path's
+  losses as logged."""
+  from mscenario.train import fit as fit_lib
+  from mscenario.train.workdir import WorkDir
+  d, m = shape
+  mesh = mesh_lib.make_mesh(ConfigDict({"data": d, "model": m}), jax.devices()[: d * m])
+  setup = loop.build(config, data, mesh)
+  out = {}
+  for name in ("host", "device"):
+    it = pipeline.BatchIterator(data, "train", config.train.batch_size, seed=config.seed,
+                                shuffle=True, drop_last=True)
+    source = (fit_lib.HostBatches(setup, it, 2) if name == "host"
+              else fit_lib.DeviceBatches(setup, it, steps_per_call))
+    wd = WorkDir(f"{workdir}/{name}-{d}x{m}")
+    os.makedirs(wd.path, exist_ok=True)
+    logger = fit_lib.Logger(wd, 0)
+    state, _ = fit_lib.fit(setup, setup.create_state(), {"epoch": 0, "batch": 0}, source,
+                           epochs=1, ckpts=None, logger=logger, meta=dict, log_every=3)
+    logger.close()
+    out[name] = (jax.tree_util.tree_map(np.asarray, {"p": loop.all_params(state),
+                                                     "ms": state.model_state}),
+                 [r["loss"] for r in wd.read_metrics()], int(state.step))
+  diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, out["host"][0],
+      out["device"][0]))
+  return {"max_param_diff": max(diffs), "host_losses": out["host"][1],
+          "device_losses": out["device"][1], "steps": [out["host"][2], out["device"][2]]}
+
+
 def main(argv):
+  if argv[0] == "--fit-paths":
+    config = load_config(SYNTHETIC, [*TINY, *argv[3:]])
+    data = prepare(config, log=lambda *_: None)
+    shapes = [tuple(m) for m in json.loads(argv[2])]
+    print("RESULT " + json.dumps({f"{d}x{m}": fit_paths(config, data, (d, m), argv[1])
+                                  for d, m in shapes}))
+    return
   if argv[0] == "--restore":
     config = load_config(SYNTHETIC, [*TINY, *argv[2:]])
     data = prepare(config, log=lambda *_: None)

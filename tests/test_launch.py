@@ -16,7 +16,9 @@ TRAIN = ["train", "--config", "configs/synthetic.py", "--workdir", "/tmp/my run"
 
 
 def _bash(script, *args, env=None):
-  full = {**os.environ, **(env or {})}
+  # The caller's XLA_FLAGS (e.g. --xla_cpu_max_isa to imitate another CPU) would be passed
+  # through by the launchers and change the printed commands.
+  full = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}
   return subprocess.run(["bash", os.path.join(LAUNCH, script), *args], capture_output=True,
                         text=True, timeout=60, env=full, cwd=REPO)
 

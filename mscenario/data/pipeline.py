@@ -52,25 +52,36 @@ class BatchIterator:
       return self.index
     return self.index[np.random.default_rng([self.seed, epoch]).permutation(len(self.index))]
 
+  def batch_rows(self, order: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, weights) of this process's share of global batch `b` of an epoch's order."""
+    rows = order[b * self.global_batch_size: (b + 1) * self.global_batch_size]
+    real = len(rows)
+    weight = np.ones(self.global_batch_size, np.float32)
+    if real < self.global_batch_size:  # eval: pad with copies of row 0, weight 0
+      weight[real:] = 0.0
+      rows = np.concatenate([rows, np.full(self.global_batch_size - real, order[0])])
+    if self.shuffle:
+      # Sorted gathers are cache friendly; row order inside a training batch does not
+      # matter (evaluation keeps the split's order so predictions line up with rows).
+      # Sort the whole global batch before taking this process's slice, so that the
+      # processes' slices concatenate to exactly the single-process batch.
+      perm = np.argsort(rows, kind="stable")
+      rows, weight = rows[perm], weight[perm]
+    lo = self.process_index * self.local_batch_size
+    return rows[lo: lo + self.local_batch_size], weight[lo: lo + self.local_batch_size]
+
+  def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every batch of an epoch as (rows, weights) [num_batches, local batch]: the same rows
+    `epoch()` gathers, for a device-resident copy of the columns (train/fit.py)."""
+    order = self.order(epoch)
+    pairs = [self.batch_rows(order, b) for b in range(self.num_batches)]
+    return (np.stack([r for r, _ in pairs]).astype(np.int32),
+            np.stack([w for _, w in pairs]))
+
   def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     order = self.order(epoch)
-    lo = self.process_index * self.local_batch_size
     for b in range(start, self.num_batches):
-      rows = order[b * self.global_batch_size: (b + 1) * self.global_batch_size]
-      real = len(rows)
-      weight = np.ones(self.global_batch_size, np.float32)
-      if real < self.global_batch_size:  # eval: pad with copies of row 0, weight 0
-        weight[real:] = 0.0
-        rows = np.concatenate([rows, np.full(self.global_batch_size - real, order[0])])
-      if self.shuffle:
-        # Sorted gathers are cache friendly; row order inside a training batch does not
-        # matter (evaluation keeps the split's order so predictions line up with rows).
-        # Sort the whole global batch before taking this process's slice, so that the
-        # processes' slices concatenate to exactly the single-process batch.
-        perm = np.argsort(rows, kind="stable")
-        rows, weight = rows[perm], weight[perm]
-      local = rows[lo: lo + self.local_batch_size]
-      weight = weight[lo: lo + self.local_batch_size]
+      local, weight = self.batch_rows(order, b)
       batch = {k: np.asarray(v[local]) for k, v in self.arrays.items()}
       batch["weight"] = weight
       yield batch

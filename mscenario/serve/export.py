@@ -36,25 +36,19 @@ def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
 
 def restore(workdir: str, checkpoint: str = "best"):
   """(config, transform, setup, state, step) of a work dir's best (or latest) checkpoint."""
-  from mscenario import config as config_lib
   from mscenario.data.prepare import PreparedData
-  from mscenario.data.transform import Transform
   from mscenario.parallel import mesh as mesh_lib
-  from mscenario.train import checkpoint as ckpt_lib
   from mscenario.train import loop
-  for name in ("config.json", "transform.json"):
-    if not os.path.exists(os.path.join(workdir, name)):
-      raise MscenarioError(f"{workdir}/{name} is missing: is {workdir} the work dir of a "
-                           "training run?")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = config_lib.from_json(f.read())
+  from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
+  wd = WorkDir(workdir)
+  wd.require(CONFIG, TRANSFORM)
+  config = wd.read_config()
   if int(config.data.get("history", {}).get("length", 0) or 0) > 0:
     raise MscenarioError(
         f"{workdir} was trained with behaviour histories (data.history.length="
         f"{config.data.history.length}); export cannot serve those yet: a request would have "
         "to carry the user's recent events. Use `mscenario predict` for such models.")
-  with open(os.path.join(workdir, "transform.json")) as f:
-    transform = Transform(json.load(f))
+  transform = wd.read_transform()
   config.mesh.data, config.mesh.model = 1, 1  # export runs on one device
   data = PreparedData(path="", arrays=_dummy_arrays(transform.schema, 8),
                       splits={"predict": np.arange(8)}, transform=transform,
@@ -65,17 +59,7 @@ def restore(workdir: str, checkpoint: str = "best"):
     from mscenario.train.evaluate import _text_tables
     text_tables = _text_tables(config, workdir, data)
   setup = loop.build(config, data, mesh, text_tables)
-  ckpts = ckpt_lib.Checkpoints(workdir, config.train.keep_checkpoints)
-  try:
-    restored = None
-    if checkpoint == "best":
-      restored = ckpts.restore_best(setup.abstract_state)
-    if restored is None:
-      restored = ckpts.restore_latest(setup.abstract_state)
-  finally:
-    ckpts.close()
-  if restored is None:
-    raise MscenarioError(f"{workdir} holds no checkpoint yet; train first")
+  restored = wd.restore(setup.abstract_state, checkpoint, config.train.keep_checkpoints)
   state = restored[0]
   return config, transform, setup, state, int(state.step)
 

@@ -2,31 +2,21 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 import jax
 import numpy as np
 
 from mscenario.data.prepare import PreparedData
-from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
 from mscenario.parallel import mesh as mesh_lib
-from mscenario.train import checkpoint as ckpt_lib
 from mscenario.train import loop
+from mscenario.train import workdir as workdir_lib
 
 
 def _restore(setup, workdir: str):
-  ckpts = ckpt_lib.Checkpoints(workdir, setup.config.train.keep_checkpoints)
-  try:
-    restored = ckpts.restore_best(setup.abstract_state) or ckpts.restore_latest(
-        setup.abstract_state)
-  finally:
-    ckpts.close()
-  if restored is None:
-    raise MscenarioError(f"{workdir} holds no checkpoint yet; train first with "
-                         f"`mscenario train --config ... --workdir {workdir}`")
-  return restored[0]
+  return workdir_lib.WorkDir(workdir).restore(setup.abstract_state, "best",
+                                              setup.config.train.keep_checkpoints)[0]
 
 
 def _text_tables(config, workdir: str, data):
@@ -47,8 +37,8 @@ def evaluate_workdir(config, workdir: str, split: str = "test") -> dict:
   state = _restore(setup, workdir)
   results = loop.evaluate_split(setup, state, split)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    workdir_lib.write_json(os.path.join(workdir, f"eval_{split}.json"), results, indent=2,
+                           sort_keys=True)
     print(format_table(results))
   return results
 
@@ -60,11 +50,7 @@ def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.
   neither the training data nor its cache is needed.
   """
   from mscenario.data.sources import load_source
-  tpath = os.path.join(workdir, "transform.json")
-  if not os.path.exists(tpath):
-    raise MscenarioError(f"{tpath} is missing: is {workdir} the work dir of a training run?")
-  with open(tpath) as f:
-    transform = Transform(json.load(f))
+  transform = workdir_lib.WorkDir(workdir).read_transform()
   cfg = config.copy_and_resolve_references()
   cfg.data.source = "table"
   cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = input_path, "", ""

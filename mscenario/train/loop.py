@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,18 +27,18 @@ from mscenario.models.embedding import batch_ids
 from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import checkpoint as ckpt_lib
+from mscenario.train import fit as fit_lib
+from mscenario.train import workdir as workdir_lib
 from mscenario.train.optim import make_optimizer
+from mscenario.train.fit import TrainingDiverged  # noqa: F401  (part of this module's API)
 from mscenario.train.steps import TrainState, make_eval_step, make_train_step
 
 # Keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = ("train.epochs", "train.stop_after_steps", "train.patience",
                      "train.log_every_steps", "train.checkpoint_every_steps", "data.root",
                      "data.cache_dir", "mesh.data", "mesh.model", "distributed.coordinator",
-                     "distributed.num_processes", "distributed.process_id", "train.prefetch")
-
-
-class TrainingDiverged(MscenarioError):
-  pass
+                     "distributed.num_processes", "distributed.process_id", "train.prefetch",
+                     "train.steps_per_call", "data.on_device", "data.device_budget_mb")
 
 
 def versions() -> dict:
@@ -89,6 +87,7 @@ class Setup:
   eval_step: object
   abstract_state: object
   create_state: object
+  step_fn: object = None    # the pure train step (train_step is its jit); fit.py scans it
 
 
 def example_batch(data: PreparedData, size: int) -> dict:
@@ -241,7 +240,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
   if text_values is not None:
     create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
-               eval_step, abstract, create)
+               eval_step, abstract, create, step_fn)
 
 
 def _with_text_tables(create, values: dict, model_state_shardings):
@@ -332,54 +331,18 @@ def _round_batch(size: int, mesh) -> int:
   return max(d, (size // d) * d)
 
 
-# ---------------------------------------------------------------------------- logging
-class Logger:
-  """metrics.jsonl + TensorBoard events, written by process 0 only."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = None
-    if not self.active:
-      return
-    if os.path.exists(self.path):  # drop lines past the checkpoint we resume from
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # optional at runtime; metrics.jsonl is the record
-      self.tb = None
-
-  def write(self, record: dict) -> None:
-    if not self.active:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self.tb.add_scalar(k, v, record["step"])
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-
-
 # ---------------------------------------------------------------------------- train
-def write_run_info(config, workdir: str, data: PreparedData) -> None:
+def write_run_info(config, wd: workdir_lib.WorkDir, data: PreparedData) -> None:
+  """config / versions / transform / data files, each replaced atomically (process 0)."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
-  with open(os.path.join(workdir, "versions.json"), "w") as f:
-    json.dump(versions(), f, indent=2)
-  with open(os.path.join(workdir, "transform.json"), "w") as f:  # predict needs no data
-    json.dump(data.transform.state, f)
-  with open(os.path.join(workdir, "data.json"), "w") as f:
-    json.dump({"fingerprint": data.fingerprint, "path": data.path, **data.meta}, f, indent=2)
+  workdir_lib.write_text(wd.file(workdir_lib.CONFIG), config_lib.to_json(config))
+  workdir_lib.write_json(wd.file(workdir_lib.VERSIONS), versions(), indent=2)
+  # predict needs no data: the fitted transform travels with the run
+  workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), data.transform.state)
+  workdir_lib.write_json(wd.file(workdir_lib.DATA),
+                         {"fingerprint": data.fingerprint, "path": data.path, **data.meta},
+                         indent=2)
 
 
 def _sync(name: str) -> None:
@@ -401,12 +364,10 @@ def load_data(config, log=print) -> PreparedData:
 def train(config, workdir: str, *, log=print) -> dict:
   """Train (or resume) in `workdir`; returns the test results dict (also results.json)."""
   distributed.maybe_initialize(config.distributed)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  saved_config = os.path.join(workdir, "config.json")
-  if os.path.exists(saved_config):
-    with open(saved_config) as f:
-      check_resumable(json.load(f), config.to_dict())
+  wd = workdir_lib.WorkDir(workdir)
+  os.makedirs(wd.path, exist_ok=True)
+  if wd.exists(workdir_lib.CONFIG):
+    check_resumable(wd.read_json(workdir_lib.CONFIG), config.to_dict())
   if jax.process_index() != 0:
     log = lambda *_: None  # noqa: E731
   data = load_data(config, log)
@@ -414,9 +375,9 @@ def train(config, workdir: str, *, log=print) -> dict:
   text_tables = None
   if config.text.enabled:
     from mscenario.models.fusion import prepare_text_tables
-    text_tables = prepare_text_tables(config, workdir, data, log=log)
+    text_tables = prepare_text_tables(config, wd.path, data, log=log)
   setup = build(config, data, mesh, text_tables)
-  write_run_info(config, workdir, data)
+  write_run_info(config, wd, data)
   tc = config.train
   batch_size = _round_batch(tc.batch_size, mesh)
   if batch_size != tc.batch_size:
@@ -425,111 +386,66 @@ def train(config, workdir: str, *, log=print) -> dict:
   train_it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed, shuffle=True,
                                     drop_last=tc.drop_last, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-  ckpts = ckpt_lib.Checkpoints(workdir, tc.keep_checkpoints)
+  ckpts = ckpt_lib.Checkpoints(wd.path, tc.keep_checkpoints)
   restored = ckpts.restore_latest(setup.abstract_state)
   if restored is None:
     state = setup.create_state()
-    loop = {"epoch": 0, "batch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
-            "stopped": False, "history": []}
+    progress = {"epoch": 0, "batch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
+                "stopped": False, "history": []}
   else:
-    state, loop = restored
-    log(f"train: resuming from step {int(state.step)} (epoch {loop['epoch']}, batch "
-        f"{loop['batch']}) in {workdir}")
-  logger = Logger(workdir, int(state.step))
+    state, progress = restored
+    log(f"train: resuming from step {int(state.step)} (epoch {progress['epoch']}, batch "
+        f"{progress['batch']}) in {wd.path}")
+  logger = fit_lib.Logger(wd, int(state.step))
+  source = fit_lib.make_source(setup, train_it)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  where = ("device-resident data, " f"{source.max_steps_per_call} steps/call"
+           if isinstance(source, fit_lib.DeviceBatches) else "host input pipeline")
   log(f"train: model {config.model.name} ({n_params:,} parameters), "
       f"{len(data.splits['train']):,} train rows, {train_it.num_batches} steps/epoch, "
-      f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
-  try:
-    state, loop = _run_epochs(setup, state, loop, train_it, ckpts, logger, log)
-  finally:
-    ckpts.wait()
-    logger.close()
-  if tc.stop_after_steps >= 0 and not loop.get("finished"):
-    ckpts.close()
-    return {}
-  results = final_report(setup, ckpts, workdir, log)
-  ckpts.close()
-  return results
+      f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s), "
+      f"{where}")
 
+  def meta(p):
+    return {**p, "config": config.to_dict()}
 
-def _meta(loop: dict, config) -> dict:
-  return {**loop, "config": config.to_dict()}
-
-
-def _run_epochs(setup, state, loop, train_it, ckpts, logger, log):
-  config, tc = setup.config, setup.config.train
-  sharding = mesh_lib.batch_sharding(setup.mesh)
-  step = int(state.step)
-  is_main = jax.process_index() == 0
-  while loop["epoch"] < tc.epochs and not loop["stopped"]:
-    epoch = loop["epoch"]
-    batches = pipeline.prefetch(train_it.epoch(epoch, loop["batch"]),
-                                lambda b: pipeline.to_global(b, sharding), tc.prefetch)
-    bar = tqdm(total=train_it.num_batches, initial=loop["batch"], disable=not is_main,
-               desc=f"epoch {epoch + 1}/{tc.epochs}", dynamic_ncols=True)
-    t_last, n_last, pending = time.perf_counter(), 0, []
-    for batch in batches:
-      state, metrics = setup.train_step(state, batch)
-      step += 1
-      loop["batch"] += 1
-      pending.append(metrics["loss"])
-      n_last += train_it.global_batch_size
-      bar.update(1)
-      last_of_epoch = loop["batch"] == train_it.num_batches
-      if step % tc.log_every_steps == 0 or last_of_epoch:
-        losses = np.asarray(jax.device_get(pending))
-        pending = []
-        _check_finite(losses, step, epoch, ckpts)
-        elapsed = time.perf_counter() - t_last
-        eps = n_last / max(elapsed, 1e-9)
-        t_last, n_last = time.perf_counter(), 0
-        record = {"step": step, "epoch": epoch, "loss": float(losses.mean()),
-                  "grad_norm": float(metrics["grad_norm"]), "examples_per_sec": eps}
-        logger.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{eps:,.0f}")
-      if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 \
-          and not last_of_epoch:
-        _check_finite(np.asarray(jax.device_get(pending)), step, epoch, ckpts)
-        ckpts.save_latest(step, state, _meta(loop, config))
-      if 0 <= tc.stop_after_steps <= step:
-        ckpts.save_latest(step, state, _meta(loop, config))
-        bar.close()
-        return state, loop
-    bar.close()
-    # End of epoch: validate, early stopping, checkpoint.
+  def end_of_epoch(state, p, step, epoch_loss):
+    """Validate; early stopping; best is committed before latest records it."""
+    epoch = p["epoch"] - 1
     result = evaluate_split(setup, state, "valid")
     auc = result["overall"]["auc"]
     logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
                   "valid_logloss": result["overall"]["logloss"]})
     log(f"epoch {epoch + 1}: valid AUC {auc:.4f}  LogLoss {result['overall']['logloss']:.4f}")
-    loop["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
-    improved = auc > loop["best_auc"]
+    p["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
+    improved = auc > p["best_auc"]
     if improved:
-      loop["best_auc"], loop["best_epoch"], loop["bad_epochs"] = auc, epoch, 0
+      p["best_auc"], p["best_epoch"], p["bad_epochs"] = auc, epoch, 0
     else:
-      loop["bad_epochs"] += 1
-      if tc.patience and loop["bad_epochs"] >= tc.patience:
-        loop["stopped"] = True
+      p["bad_epochs"] += 1
+      if tc.patience and p["bad_epochs"] >= tc.patience:
+        p["stopped"] = True
         log(f"train: early stopping after epoch {epoch + 1} (best epoch "
-            f"{loop['best_epoch'] + 1}, valid AUC {loop['best_auc']:.4f})")
-    loop["epoch"], loop["batch"] = epoch + 1, 0
+            f"{p['best_epoch'] + 1}, valid AUC {p['best_auc']:.4f})")
     if improved:
-      ckpts.save_best(step, state, _meta(loop, config))
-    ckpts.save_latest(step, state, _meta(loop, config))
-  loop["finished"] = True
-  return state, loop
+      ckpts.save_best(step, state, meta(p))
+      ckpts.best.wait_until_finished()
+    ckpts.save_latest(step, state, meta(p))
 
-
-def _check_finite(losses: np.ndarray, step: int, epoch: int, ckpts) -> None:
-  if losses.size and not np.all(np.isfinite(losses)):
-    last = ckpts.latest_step()
-    kept = (f"the last good checkpoint (step {last}) is kept in the work dir"
-            if last is not None else "no checkpoint had been written yet")
-    raise TrainingDiverged(
-        f"training diverged: the loss became {losses[~np.isfinite(losses)][0]} by step {step} "
-        f"(epoch {epoch + 1}); {kept}. Lower train.learning_rate, enable "
-        "train.grad_clip_norm, or check the input for extreme values.")
+  try:
+    state, progress = fit_lib.fit(
+        setup, state, progress, source, epochs=tc.epochs, ckpts=ckpts, logger=logger,
+        meta=meta, end_of_epoch=end_of_epoch, stop_after_steps=tc.stop_after_steps,
+        checkpoint_every=tc.checkpoint_every_steps, log_every=tc.log_every_steps)
+  finally:
+    ckpts.wait()
+    logger.close()
+  if tc.stop_after_steps >= 0 and not progress.get("finished"):
+    ckpts.close()
+    return {}
+  results = final_report(setup, ckpts, wd.path, log)
+  ckpts.close()
+  return results
 
 
 def final_report(setup, ckpts, workdir: str, log=print) -> dict:
@@ -550,8 +466,8 @@ def final_report(setup, ckpts, workdir: str, log=print) -> dict:
   if setup.data.meta.get("cold_items"):
     results["cold_items"] = cold_item_metrics(setup, probs)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results, indent=2,
+                           sort_keys=True)
     _plots(setup, probs, workdir, cls_metrics)
     log(f"\nTest results ({setup.config.model.name}, best epoch {results['best_epoch']}):")
     log(format_table(results))

@@ -9,7 +9,6 @@ is exported as a new model version, which a running server picks up (hot swap).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -21,28 +20,16 @@ from mscenario.errors import ConfigError, MscenarioError
 # command on every invocation and must stay fast to start.
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  """Without creating anything (Checkpoints() would make empty ckpt/ and best/ dirs)."""
-  ckpt = os.path.join(workdir, "ckpt")
-  return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
-
-
 def load_workdir(workdir: str, overrides=()):
   """(config, transform) of a trained work dir, or a clear error why it cannot be updated."""
-  from mscenario import config as config_lib
-  from mscenario.data.transform import Transform
-  for name in ("config.json", "transform.json"):
-    if not os.path.exists(os.path.join(workdir, name)):
-      raise MscenarioError(f"{workdir}/{name} is missing: is {workdir} the work dir of a "
-                           "training run?")
-  if not _has_checkpoint(workdir):
+  from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
+  wd = WorkDir(workdir)
+  wd.require(CONFIG, TRANSFORM)
+  if not wd.has_checkpoint():
     raise MscenarioError(f"{workdir} holds no checkpoint yet: `mscenario update` continues "
                          "a trained model; train first with `mscenario train --config ... "
                          f"--workdir {workdir}`")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = config_lib.apply_overrides(config_lib.from_json(f.read()), overrides)
-  with open(os.path.join(workdir, "transform.json")) as f:
-    transform = Transform(json.load(f))
+  config, transform = wd.read_config(overrides), wd.read_transform()
   if int(config.data.get("history", {}).get("length", 0) or 0) > 0:
     raise ConfigError("`mscenario update` does not support behaviour histories "
                       "(data.history.length > 0) yet")
@@ -60,13 +47,6 @@ def read_events(config, path: str):
   return load_source(cfg.data)
 
 
-def _atomic_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
 def update_table(workdir: str, table, *, config=None, transform=None,
                  epochs: int = 1, holdout: float = 0.0, out: str | None = None,
                  buckets=None, keep: int = 5, source: str = "", log=print) -> dict:
@@ -79,8 +59,11 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   from mscenario.parallel import mesh as mesh_lib
   from mscenario.train import checkpoint as ckpt_lib
   from mscenario.train import loop
+  from mscenario.train import fit as fit_lib
+  from mscenario.train import workdir as workdir_lib
   from mscenario.train.evaluate import _text_tables
-  workdir = os.path.abspath(workdir)
+  wd = workdir_lib.WorkDir(workdir)
+  workdir = wd.path
   if config is None or transform is None:
     config, transform = load_workdir(workdir)
   if epochs < 1:
@@ -126,22 +109,15 @@ def update_table(workdir: str, table, *, config=None, transform=None,
                                 shuffle=True, drop_last=False,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-    sharding = mesh_lib.batch_sharding(mesh)
-    logger = loop.Logger(workdir, step_from)
+    logger = fit_lib.Logger(wd, step_from)
     epoch_loss = []
     try:
-      for epoch in range(epochs):
-        losses = []
-        batches = pipeline.prefetch(it.epoch(epoch),
-                                    lambda b: pipeline.to_global(b, sharding), tc.prefetch)
-        for batch in batches:
-          state, metrics = setup.train_step(state, batch)
-          losses.append(metrics["loss"])
-        losses = np.asarray(jax.device_get(losses))
-        loop._check_finite(losses, step_from + (epoch + 1) * it.num_batches, epoch, ckpts)
-        epoch_loss.append(float(losses.mean()))
-        logger.write({"step": int(state.step), "update": index, "epoch": epoch,
-                      "loss": epoch_loss[-1]})
+      state, _ = fit_lib.fit(
+          setup, state, {"epoch": 0, "batch": 0}, fit_lib.make_source(setup, it),
+          epochs=epochs, ckpts=ckpts, logger=logger, meta=lambda p: meta,
+          end_of_epoch=lambda state, p, step, loss: epoch_loss.append(loss),
+          log_every=tc.log_every_steps, extra_record={"update": index},
+          desc=f"update {index}: epoch")
     finally:
       logger.close()
     step_to = int(state.step)
@@ -165,9 +141,8 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   transform.state.setdefault("updates", []).append(
       {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time")})
   if jax.process_index() == 0:
-    _atomic_json(os.path.join(workdir, "transform.json"), transform.state)
-    with open(os.path.join(workdir, "updates.jsonl"), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), transform.state)
+    workdir_lib.append_jsonl(wd.file(workdir_lib.UPDATES), record)
   record["seconds"] = time.time() - t0
   _log_summary(record, log)
   if out:

@@ -1,0 +1,303 @@
+"""The one training loop, used by `train` and `update`: epochs of steps from a batch source,
+logging, NaN checks, mid-epoch checkpoints, and an end-of-epoch hook (validation, early
+stopping and saving are the caller's).
+
+Two batch sources give the same batches in the same order (tested bit for bit):
+  * HostBatches: the host pipeline (numpy gathers from memory-mapped columns, prefetched onto
+    the devices), one jitted step per call; for data that does not fit on the devices.
+  * DeviceBatches: the columns are uploaded once, replicated on every device; each epoch's
+    row order (the same (seed, epoch) permutation the host pipeline draws, ~10 ms of numpy per
+    epoch) is uploaded as one [batches, batch] index array split over the 'data' axis, so each
+    device gathers its own rows locally: no host round trip and no collective per step. One
+    host call runs up to `train.steps_per_call` steps as a `lax.scan`.
+Where time goes at these model sizes is per-step host work (DESIGN.md §3); scanning removes it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from mscenario.data import pipeline
+from mscenario.errors import ConfigError, MscenarioError
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import workdir as workdir_lib
+
+
+class TrainingDiverged(MscenarioError):
+  pass
+
+
+class Logger:
+  """metrics.jsonl + TensorBoard events, written by process 0 only."""
+
+  def __init__(self, wd: workdir_lib.WorkDir, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = wd.file(workdir_lib.METRICS)
+    self.tb = None
+    if not self.active:
+      return
+    if wd.exists(workdir_lib.METRICS):  # drop lines past the checkpoint we resume from
+      keep = [r for r in wd.read_metrics() if r.get("step", 0) <= resume_step]
+      workdir_lib.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(wd.file("tensorboard"))
+    except ImportError:  # optional at runtime; metrics.jsonl is the record
+      self.tb = None
+
+  def write(self, record: dict) -> None:
+    if not self.active:
+      return
+    workdir_lib.append_jsonl(self.path, record)
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+# ---------------------------------------------------------------------------- batch sources
+class HostBatches:
+  """One step per call on batches built on the host and prefetched onto the devices.
+
+  The step runs through the same gather-then-step program as DeviceBatches (with identity
+  rows): XLA compiles a step whose inputs come from an in-program gather slightly
+  differently (~1 ulp after a few steps), and one program keeps the sources bit-identical.
+  """
+  max_steps_per_call = 1
+
+  def __init__(self, setup, it: pipeline.BatchIterator, prefetch: int):
+    self.setup, self.it, self.prefetch = setup, it, prefetch
+    self.num_batches, self.global_batch_size = it.num_batches, it.global_batch_size
+    index_sharding = NamedSharding(setup.mesh, P(None, "data"))
+    local = np.arange(it.local_batch_size, dtype=np.int32) + it.process_index * it.local_batch_size
+    self._rows = jax.make_array_from_process_local_data(index_sharding, local[None])
+    keys = column_keys(setup)
+    self._multi = jax.jit(
+        _multi_step(setup.step_fn, setup.batch_shardings),
+        in_shardings=(setup.state_shardings, {k: setup.batch_shardings[k] for k in keys},
+                      index_sharding, index_sharding, mesh_lib.replicated(setup.mesh)),
+        out_shardings=(setup.state_shardings, mesh_lib.replicated(setup.mesh)),
+        static_argnums=5, donate_argnums=0)
+    self._zero = jnp.zeros((), jnp.int32)
+    self._batches = None
+
+  def start_epoch(self, epoch: int, start: int) -> None:
+    sharding = mesh_lib.batch_sharding(self.setup.mesh)
+    index_sharding = self._rows.sharding
+
+    def transfer(batch):
+      weight = batch.pop("weight")
+      return (pipeline.to_global(batch, sharding),
+              jax.make_array_from_process_local_data(index_sharding, weight[None]))
+    self._batches = pipeline.prefetch(self.it.epoch(epoch, start), transfer, self.prefetch)
+
+  def advance(self, state, n: int):
+    assert n == 1
+    columns, weight = next(self._batches)
+    return self._multi(state, columns, self._rows, weight, self._zero, 1)
+
+  def end_epoch(self) -> None:
+    if self._batches is not None:
+      self._batches.close()
+    self._batches = None
+
+
+def device_columns_bytes(data, keys) -> int:
+  return sum(int(data.arrays[k].nbytes) for k in keys)
+
+
+class DeviceBatches:
+  """`steps_per_call` steps per call, gathering rows from device-resident columns."""
+
+  def __init__(self, setup, it: pipeline.BatchIterator, steps_per_call: int):
+    if steps_per_call < 1:
+      raise ConfigError(f"train.steps_per_call={steps_per_call}: expected at least 1")
+    self.setup, self.it = setup, it
+    self.max_steps_per_call = steps_per_call
+    self.num_batches, self.global_batch_size = it.num_batches, it.global_batch_size
+    mesh = setup.mesh
+    rep = mesh_lib.replicated(mesh)
+    self.keys = column_keys(setup)
+    self.columns = {k: upload_replicated(np.asarray(setup.data.arrays[k]), rep)
+                    for k in self.keys}
+    self.index_sharding = NamedSharding(mesh, P(None, "data"))
+    self._multi = jax.jit(
+        _multi_step(setup.step_fn, setup.batch_shardings),
+        in_shardings=(setup.state_shardings, {k: rep for k in self.keys},
+                      self.index_sharding, self.index_sharding, rep),
+        out_shardings=(setup.state_shardings, rep), static_argnums=5, donate_argnums=0)
+    self._rows = self._weight = None
+    self._pos = 0
+
+  def start_epoch(self, epoch: int, start: int) -> None:
+    rows, weight = self.it.epoch_rows(epoch)  # this process's share, [num_batches, local]
+    self._rows = jax.make_array_from_process_local_data(self.index_sharding, rows)
+    self._weight = jax.make_array_from_process_local_data(self.index_sharding, weight)
+    self._pos = start
+
+  def advance(self, state, n: int):
+    state, metrics = self._multi(state, self.columns, self._rows, self._weight,
+                                 jnp.asarray(self._pos, jnp.int32), n)
+    self._pos += n
+    return state, metrics
+
+  def end_epoch(self) -> None:
+    self._rows = self._weight = None
+
+
+def column_keys(setup) -> list[str]:
+  return [k for k in setup.batch_shardings if k != "weight"]
+
+
+def upload_replicated(array: np.ndarray, sharding) -> jax.Array:
+  """A full copy on every device (each process passes the whole array; works multi-host)."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def _multi_step(step_fn, batch_shardings):
+  def multi(state, columns, rows, weight, start, n):
+    rows = jax.lax.dynamic_slice_in_dim(rows, start, n, axis=0)
+    weight = jax.lax.dynamic_slice_in_dim(weight, start, n, axis=0)
+
+    def body(state, xs):
+      r, w = xs
+      batch = {k: jnp.take(c, r, axis=0) for k, c in columns.items()}
+      batch["weight"] = w
+      batch = jax.lax.with_sharding_constraint(
+          batch, {k: batch_shardings[k] for k in batch})
+      return step_fn(state, batch)
+
+    return jax.lax.scan(body, state, (rows, weight))
+  return multi
+
+
+def make_source(setup, it: pipeline.BatchIterator):
+  """DeviceBatches when data.on_device says so (auto: the columns fit the budget)."""
+  config = setup.config
+  mode = config.data.get("on_device", "auto")
+  if mode not in ("auto", "always", "never"):
+    raise ConfigError(f"data.on_device={mode!r}: expected auto, always or never")
+  use = mode == "always"
+  if mode == "auto":
+    budget = float(config.data.get("device_budget_mb", 1024)) * 2 ** 20
+    use = device_columns_bytes(setup.data, column_keys(setup)) <= budget
+  if use:
+    return DeviceBatches(setup, it, int(config.train.get("steps_per_call", 32)))
+  return HostBatches(setup, it, config.train.prefetch)
+
+
+# ---------------------------------------------------------------------------- the loop
+def check_finite(losses: np.ndarray, grad_norms: np.ndarray, step: int, epoch: int,
+                 ckpts) -> None:
+  """A non-finite loss or gradient norm in any step since the last check: stop before the
+  state is saved (a finite loss with a non-finite gradient still poisons the update)."""
+  bad = ~np.isfinite(losses) | ~np.isfinite(grad_norms)
+  if not bad.any():
+    return
+  value = losses[bad][0] if not np.isfinite(losses[bad][0]) else grad_norms[bad][0]
+  what = "loss" if not np.isfinite(losses[bad][0]) else "gradient norm"
+  last = ckpts.latest_step() if ckpts is not None else None
+  kept = (f"the last good checkpoint (step {last}) is kept in the work dir"
+          if last is not None else "no checkpoint had been written yet")
+  raise TrainingDiverged(
+      f"training diverged: the {what} became {value} by step {step} (epoch {epoch + 1}); "
+      f"{kept}. Lower train.learning_rate, enable train.grad_clip_norm, or check the input "
+      "for extreme values.")
+
+
+class _Pending:
+  """Per-step metrics not yet fetched from the devices (fetching syncs the host)."""
+
+  def __init__(self):
+    self.metrics, self.first_step = [], None
+
+  def add(self, metrics, first_step: int) -> None:
+    if self.first_step is None:
+      self.first_step = first_step
+    self.metrics.append(metrics)
+
+  def fetch(self):
+    got = jax.device_get(self.metrics)
+    loss = np.concatenate([np.atleast_1d(m["loss"]) for m in got]).astype(np.float64)
+    gnorm = np.concatenate([np.atleast_1d(m["grad_norm"]) for m in got]).astype(np.float64)
+    first = self.first_step
+    self.metrics, self.first_step = [], None
+    return first, loss, gnorm
+
+
+def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, meta,
+        end_of_epoch=None, stop_after_steps: int = -1, checkpoint_every: int = 0,
+        log_every: int = 50, extra_record: dict | None = None, desc: str = "epoch"):
+  """Train from `progress` ({'epoch', 'batch', …}) until `epochs` are done, the hook sets
+  progress['stopped'], or `stop_after_steps` is reached. Returns (state, progress);
+  progress['finished'] is set when the epochs ran out (or early stopping ended them).
+
+  end_of_epoch(state, progress, step, epoch_loss) runs after progress moved to the next
+  epoch: it validates and saves. `meta(progress)` is what checkpoints record.
+  """
+  is_main = jax.process_index() == 0
+  step = int(state.step)
+  extra = dict(extra_record or {})
+  while progress["epoch"] < epochs and not progress.get("stopped"):
+    epoch = progress["epoch"]
+    source.start_epoch(epoch, progress["batch"])
+    bar = tqdm(total=source.num_batches, initial=progress["batch"], disable=not is_main,
+               desc=f"{desc} {epoch + 1}/{epochs}", dynamic_ncols=True)
+    pending, since_record = _Pending(), []
+    t_last, n_last, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    try:
+      while progress["batch"] < source.num_batches:
+        n = min(source.max_steps_per_call, source.num_batches - progress["batch"])
+        if checkpoint_every:
+          n = min(n, checkpoint_every - step % checkpoint_every)
+        if stop_after_steps >= 0:
+          n = min(n, max(1, stop_after_steps - step))
+        state, metrics = source.advance(state, n)
+        pending.add(metrics, step + 1)
+        step += n
+        progress["batch"] += n
+        n_last += n * source.global_batch_size
+        bar.update(n)
+        last = progress["batch"] == source.num_batches
+        save = bool(checkpoint_every and step % checkpoint_every == 0 and not last)
+        stop = 0 <= stop_after_steps <= step
+        logged = (step // log_every) > ((step - n) // log_every)
+        if not (logged or last or save or stop):
+          continue
+        first, losses, gnorms = pending.fetch()
+        check_finite(losses, gnorms, step, epoch, ckpts)
+        loss_sum, loss_n = loss_sum + float(losses.sum()), loss_n + len(losses)
+        elapsed = time.perf_counter() - t_last
+        eps = n_last / max(elapsed, 1e-9)
+        t_last, n_last = time.perf_counter(), 0
+        for i, s in enumerate(range(first, step + 1)):
+          since_record.append(losses[i])
+          if s % log_every == 0 or (last and s == step):
+            record = {"step": s, "epoch": epoch, "loss": float(np.mean(since_record)),
+                      "grad_norm": float(gnorms[i]), "examples_per_sec": eps, **extra}
+            since_record = []
+            logger.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{eps:,.0f}")
+        if save or stop:
+          ckpts.save_latest(step, state, meta(progress))
+        if stop:
+          return state, progress
+    finally:
+      bar.close()
+      source.end_epoch()
+    progress["epoch"], progress["batch"] = epoch + 1, 0
+    if end_of_epoch is not None:
+      end_of_epoch(state, progress, step, loss_sum / max(loss_n, 1))
+  progress["finished"] = True
+  return state, progress
