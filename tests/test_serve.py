@@ -69,12 +69,18 @@ def reference(exported):
   return {"probs": probs, "arrays": arrays, "table": table.take(idx)}
 
 
+# Raw columns of the synthetic data that the exported model does not read (the server
+# rejects fields it would ignore).
+UNREAD = ("label", "truth", "scenario", "item_text", "timestamp")
+
+
 def _requests(table, n, start=0):
-  """Raw test rows as single-item predict requests (every raw field on the item)."""
+  """Raw test rows as single-item predict requests (every field the model reads, on the
+  item)."""
   out = []
   for i in range(start, start + n):
     row = {k: v[i].item() if hasattr(v[i], "item") else v[i]
-           for k, v in table.columns.items() if k not in ("label", "truth", "scenario")}
+           for k, v in table.columns.items() if k not in UNREAD}
     out.append({"scenario": table.columns["scenario"][i], "user": {}, "items": [row]})
   return out
 
@@ -133,7 +139,8 @@ def running(app):
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+  limits = getattr(app.state, "limits", None) or server_lib.Limits()
+  server = uvicorn.Server(server_lib.uvicorn_config(app, limits))  # production settings
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.time() + 60

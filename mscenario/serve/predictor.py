@@ -113,6 +113,21 @@ class RequestError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class InputLimits:
+  """Caps checked while validating, before any array exists: the transform turns text columns
+  into fixed-width arrays (rows x longest string), so one long string must not get that far."""
+  max_string_chars: int = 256   # any string value (ids, categories, text-template fields)
+  max_list_len: int = 256       # values in one multi-valued field
+  max_errors: int = 50          # per-field messages in one 422 (the rest are counted)
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# A numeric value may sit at most this many training spreads ((x - shift) / scale) away:
+# further out the float32 network overflows and answers NaN (a 1e308 once did).
+MAX_NORMALISED = 1e12
+
+
+@dataclasses.dataclass(frozen=True)
 class Columns:
   """Which raw fields the transform reads, and as what."""
   categorical: tuple[str, ...]
@@ -135,69 +150,107 @@ class Columns:
                dedup(multi))
 
 
-def _categorical(v, loc, errors):
-  """JSON value -> the string the training data would have held (ints without '.0')."""
-  if v is None:
-    return None
-  if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-    errors.append({"loc": loc, "msg": "expected a string, a number or null"})
-    return None
-  if isinstance(v, float):
+def _short(v, n: int = 40) -> str:
+  """repr() for an error message, cut short: a 200 kB value must not come back 200 kB."""
+  r = repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
+  return r if len(r) <= n else f"{r[:n]}... ({len(v) if isinstance(v, str) else len(r)} chars)"
+
+
+class _Check:
+  """Per-value validators sharing the request's limits and error list."""
+
+  def __init__(self, limits: InputLimits, errors: list):
+    self.limits = limits
+    self.errors = errors
+
+  def error(self, loc, msg):
+    self.errors.append({"loc": loc, "msg": msg})
+
+  def string(self, v: str, loc) -> bool:
+    if len(v) > self.limits.max_string_chars:
+      self.error(loc, f"string of {len(v)} characters; at most {self.limits.max_string_chars}")
+      return False
+    return True
+
+  def categorical(self, v, loc):
+    """JSON value -> the string the training data would have held (ints without '.0')."""
+    if v is None:
+      return None
+    if isinstance(v, str):
+      return v if self.string(v, loc) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      self.error(loc, f"expected a string, a number or null, got {_json_type(v)}")
+      return None
+    if isinstance(v, int):
+      if not INT64_MIN <= v <= INT64_MAX:
+        self.error(loc, "integer out of range: expected a 64-bit integer (or a string)")
+        return None
+      return str(v)
     if not math.isfinite(v):
-      errors.append({"loc": loc, "msg": "expected a finite number"})
+      self.error(loc, "expected a finite number")
       return None
     return str(int(v)) if v == int(v) else str(v)
-  return str(v)
+
+  def numeric(self, v, loc, bounds):
+    if v is None or v == "":
+      return math.nan
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+      self.error(loc, f"expected a number or null, got {_json_type(v)}")
+      return math.nan
+    if isinstance(v, str) and not self.string(v, loc):
+      return math.nan
+    if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX:
+      self.error(loc, "integer out of range: expected a 64-bit integer")
+      return math.nan
+    try:
+      x = float(v)
+    except (TypeError, ValueError, OverflowError):
+      self.error(loc, f"expected a number or null, got {_short(v)}")
+      return math.nan
+    lo, hi = bounds
+    if not lo <= x <= hi:  # also false for NaN
+      self.error(loc, f"expected a finite number in [{lo:.6g}, {hi:.6g}], got {_short(v)}")
+      return math.nan
+    return x
+
+  def multi(self, v, loc):
+    if v is None:
+      return ()
+    if not isinstance(v, list):
+      self.error(loc, f"expected a list of strings or numbers, got {_json_type(v)}")
+      return ()
+    if len(v) > self.limits.max_list_len:
+      self.error(loc, f"list of {len(v)} values; at most {self.limits.max_list_len}")
+      return ()
+    out = []
+    for j, t in enumerate(v):
+      c = self.categorical(t, [*loc, j])
+      if c is not None:
+        out.append(c)
+    return tuple(out)
+
+  def text(self, v, loc):
+    """A field only the item-text template reads: a string, number, list of those, or null."""
+    if isinstance(v, list):
+      self.multi(v, loc)
+    else:
+      self.categorical(v, loc)
+    return v
 
 
-def _numeric(v, loc, errors):
-  if v is None or v == "":
-    return math.nan
-  if isinstance(v, bool):
-    errors.append({"loc": loc, "msg": "expected a number or null"})
-    return math.nan
-  try:
-    x = float(v)
-  except (TypeError, ValueError):
-    errors.append({"loc": loc, "msg": "expected a number or null"})
-    return math.nan
-  if not math.isfinite(x):
-    errors.append({"loc": loc, "msg": "expected a finite number"})
-    return math.nan
-  return x
-
-
-def _multi(v, loc, errors):
-  if v is None:
-    return ()
-  if not isinstance(v, list):
-    errors.append({"loc": loc, "msg": "expected a list of strings or numbers"})
-    return ()
-  out = []
-  for j, t in enumerate(v):
-    c = _categorical(t, [*loc, j], errors)
-    if c is not None:
-      out.append(c)
-  return tuple(out)
-
-
-def _fast_str(v):
-  return v if type(v) is str else None  # noqa: E721 — exact type: bool/int need converting
-
-
-def _fast_float(v):
-  t = type(v)
-  return float(v) if (t is float or t is int) and math.isfinite(v) else None
+def _json_type(v) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          type(None): "null"}.get(type(v), "a number")
 
 
 _ABSENT = object()
 
 
-def _column(name, user, items, loc, errors, convert, missing, fast) -> list:
+def _column(name, user, items, loc, convert, missing, fast) -> list:
   """One field over a request's items (an item's value wins over the user's)."""
   uv = user.get(name, _ABSENT)
   if uv is not _ABSENT and uv is not None:
-    uv = convert(uv, [*loc, "user", name], errors)
+    uv = convert(uv, [*loc, "user", name])
   if uv is _ABSENT or uv is None:
     uv = missing
   out = []
@@ -210,11 +263,37 @@ def _column(name, user, items, loc, errors, convert, missing, fast) -> list:
     else:
       f = fast(v) if fast is not None else None
       if f is None:
-        f = convert(v, [*loc, "items", j, name], errors)
+        f = convert(v, [*loc, "items", j, name])
         if f is None:
           f = missing
       out.append(f)
   return out
+
+
+def _fast_str(max_chars: int):
+  def fast(v):
+    return v if type(v) is str and len(v) <= max_chars else None  # noqa: E721 (bool, int)
+  return fast
+
+
+def _fast_float(lo: float, hi: float):
+  def fast(v):
+    t = type(v)
+    return float(v) if (t is float or t is int) and lo <= v <= hi else None
+  return fast
+
+
+def _number_key(x: float):
+  """A numeric scenario value as the scenario lookup spells it (5.0 -> '5')."""
+  if not math.isfinite(x):
+    return None
+  return str(int(x)) if x == int(x) else str(x)
+
+
+def _capped(errors: list[dict], most: int) -> list[dict]:
+  if len(errors) <= most:
+    return errors
+  return errors[:most] + [{"loc": [], "msg": f"... and {len(errors) - most} more errors"}]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +345,8 @@ class ModelVersion:
     self._encoder = None
     self._text_vectors: dict[str, np.ndarray] = {}
     self._scenario_lookup = self._build_scenario_lookup()
-    self._scenario_values = np.array(sorted(self._scenario_lookup), dtype=str)
+    self.fields = self._field_kinds()
+    self._bounds = self._numeric_bounds()
     if warm_up:
       for b in self.buckets:  # compile now, not on the first request after a swap
         self.score_arrays(self.empty_batch(b))
@@ -300,17 +380,46 @@ class ModelVersion:
     return out
 
   # -- encoding --------------------------------------------------------------------------
-  def parse(self, request: Any, loc: Sequence = ()) -> "Parsed":
+  def _field_kinds(self) -> dict[str, str]:
+    """Every raw field a request may carry -> 'categorical' | 'numeric' | 'multi' | 'text'."""
+    c = self.columns
+    kinds = {n: "categorical" for n in c.categorical}
+    kinds.update({n: "numeric" for n in c.numeric})
+    kinds.update({n: "multi" for n in c.multi})
+    if self.item_text:
+      from mscenario.text.tables import template_fields
+      for f in template_fields(self.item_text["template"]):
+        kinds.setdefault(f, "text")
+    return kinds
+
+  def _numeric_bounds(self) -> dict[str, tuple[float, float]]:
+    """Per numeric field, the values within MAX_NORMALISED training spreads of every dense
+    feature that reads it (and within int64, so the schema and the checks agree)."""
+    out = {}
+    for d in self.transform.state["dense"].values():
+      shift, scale = float(d["shift"]), abs(float(d["scale"])) or 1.0
+      lo, hi = out.get(d["column"], (float(INT64_MIN), float(INT64_MAX)))
+      out[d["column"]] = (max(lo, shift - MAX_NORMALISED * scale),
+                          min(hi, shift + MAX_NORMALISED * scale))
+    return out
+
+  def parse(self, request: Any, loc: Sequence = (),
+            limits: InputLimits | None = None) -> "Parsed":
     """Validate one {'scenario', 'user', 'items'} request into columns of raw values.
 
-    Raises RequestError listing every bad field; the server answers it with HTTP 422. Values
-    come out as the training data would have held them (strings, MISSING, floats, tuples), so
-    `encode` of many requests at once is a concatenation plus one transform call.
+    Raises RequestError listing every bad field (at most limits.max_errors, then a count); the
+    server answers it with HTTP 422. Unknown fields are errors, never ignored: a misspelt
+    'item_Id' would otherwise be scored as an unknown item. Values come out as the training
+    data would have held them (strings, MISSING, floats, tuples), so `encode` of many requests
+    at once is a concatenation plus one transform call.
     """
+    limits = limits or InputLimits()
     errors: list[dict] = []
+    check = _Check(limits, errors)
     loc = list(loc)
     if not isinstance(request, dict):
-      raise RequestError([{"loc": loc, "msg": "expected a JSON object"}])
+      raise RequestError([{"loc": loc, "msg": "expected a JSON object with scenario, user, "
+                                              f"items; got {_json_type(request)}"}])
     scenario = request.get("scenario")
     hit = None
     if scenario is None:
@@ -318,10 +427,10 @@ class ModelVersion:
     elif isinstance(scenario, bool) or not isinstance(scenario, (str, int)):
       errors.append({"loc": [*loc, "scenario"], "msg": "expected a string"})
     else:
-      hit = self._scenario_lookup.get(str(scenario))
+      hit = self._scenario_lookup.get(str(scenario)) if len(str(scenario)) <= 256 else None
       if hit is None:
         errors.append({"loc": [*loc, "scenario"],
-                       "msg": f"unknown scenario {scenario!r} (expected one of "
+                       "msg": f"unknown scenario {_short(scenario)} (expected one of "
                               f"{sorted(self._scenario_lookup)})"})
     user = request.get("user", {})
     if user is None:
@@ -340,25 +449,75 @@ class ModelVersion:
       errors.append({"loc": [*loc, "items"], "msg": "expected at least one item"})
     unknown = set(request) - {"scenario", "user", "items"}
     if unknown:
-      errors.append({"loc": loc, "msg": f"unknown keys {sorted(unknown)} (expected "
-                                        "scenario, user, items)"})
+      errors.append({"loc": loc, "msg": f"unknown keys {sorted(_short(k) for k in unknown)} "
+                                        "(expected scenario, user, items)"})
+    known = self.fields
+    for k in user:
+      if k not in known:
+        errors.append({"loc": [*loc, "user", _short(k, 60)],
+                       "msg": f"unknown field; this model reads {sorted(known)}"})
     for j, item in enumerate(items):
       if not isinstance(item, dict):
         errors.append({"loc": [*loc, "items", j], "msg": "expected an object of raw item "
                                                          "fields"})
+      elif not item.keys() <= known.keys():
+        for k in item.keys() - known.keys():
+          errors.append({"loc": [*loc, "items", j, _short(k, 60)],
+                         "msg": f"unknown field; this model reads {sorted(known)}"})
+      if len(errors) > limits.max_errors:
+        break
     if errors:
-      raise RequestError(errors)
+      raise RequestError(_capped(errors, limits.max_errors))
     c = self.columns
     cols: dict[str, list] = {}
+    fast_str = _fast_str(limits.max_string_chars)
     for name in c.categorical:
-      cols[name] = _column(name, user, items, loc, errors, _categorical, MISSING, _fast_str)
+      cols[name] = _column(name, user, items, loc, check.categorical, MISSING, fast_str)
     for name in c.numeric:
-      cols[name] = _column(name, user, items, loc, errors, _numeric, math.nan, _fast_float)
+      b = self._bounds[name]
+      cols[name] = _column(name, user, items, loc, lambda v, l, b=b: check.numeric(v, l, b),
+                           math.nan, _fast_float(*b))
     for name in c.multi:
-      cols[name] = _column(name, user, items, loc, errors, _multi, (), None)
+      cols[name] = _column(name, user, items, loc, check.multi, (), None)
+    for name, kind in self.fields.items():
+      if kind == "text":
+        _column(name, user, items, loc, check.text, None, fast_str)
     if errors:
-      raise RequestError(errors)
+      raise RequestError(_capped(errors, limits.max_errors))
     return Parsed(len(items), cols, hit[0], hit[1], user, items)
+
+  def request_schema(self, limits: InputLimits | None = None,
+                     max_items: int | None = None) -> dict:
+    """JSON Schema of one {'scenario', 'user', 'items'} request for this version: exactly
+    what `parse` accepts (published as the server's /openapi.json)."""
+    limits = limits or InputLimits()
+    string = {"type": "string", "maxLength": limits.max_string_chars}
+    scalar = [string, {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+              {"type": "number"}]
+    props = {}
+    for name, kind in self.fields.items():
+      if kind == "numeric":
+        lo, hi = self._bounds[name]
+        s = {"anyOf": [{"type": "number", "minimum": lo, "maximum": hi}, {"type": "null"}],
+             "description": "numeric (null = missing)"}
+      elif kind == "categorical":
+        s = {"anyOf": [*scalar, {"type": "null"}], "description": "categorical value"}
+      else:
+        lst = {"type": "array", "maxItems": limits.max_list_len, "items": {"anyOf": scalar}}
+        s = {"anyOf": [lst, {"type": "null"}] + ([*scalar] if kind == "text" else []),
+             "description": "list of values" if kind == "multi" else "item text field"}
+      props[name] = s
+    fields = {"type": "object", "properties": props, "additionalProperties": False}
+    items = {"type": "array", "minItems": 1, "items": fields}
+    if max_items:
+      items["maxItems"] = max_items
+    return {"type": "object", "required": ["scenario", "items"], "additionalProperties": False,
+            "properties": {
+                "scenario": {"enum": sorted(self._scenario_lookup),
+                             "description": "scenario name or raw scenario value"},
+                "user": {"anyOf": [fields, {"type": "null"}],
+                         "description": "user fields, shared by every item"},
+                "items": items}}
 
   def encode(self, groups: Sequence["Parsed"]) -> dict[str, np.ndarray]:
     """Parsed requests -> one batch of model inputs (rows in request, then item order)."""
@@ -366,29 +525,23 @@ class ModelVersion:
     sfield = self.transform.state["scenario"]["field"]
     n = sum(g.n for g in groups)
     cols = {}
-    for name in c.categorical:
-      cols[name] = np.array([v for g in groups for v in g.columns[name]], dtype=str)
+    # Object arrays of references: a user value shared by every item is one string, not n
+    # fixed-width copies as wide as the longest string in the batch.
+    for name in c.categorical + c.multi:
+      cols[name] = np.fromiter((v for g in groups for v in g.columns[name]), object, n)
     for name in c.numeric:
-      cols[name] = np.array([v for g in groups for v in g.columns[name]], np.float64)
-    for name in c.multi:
-      col = cols[name] = np.empty(n, dtype=object)
-      for i, v in enumerate(v for g in groups for v in g.columns[name]):
-        col[i] = v  # element-wise: a slice assignment would unpack the tuples
+      cols[name] = np.fromiter((v for g in groups for v in g.columns[name]), np.float64, n)
     # The scenario field must map to a known scenario for the transform; the request's
     # scenario decides the index either way (a row's own value still feeds its features).
-    raw_s = np.array([g.raw_scenario for g in groups for _ in range(g.n)], dtype=str)
-    if sfield in c.categorical:
+    if sfield in c.categorical or sfield in c.numeric:
       col = cols[sfield]
-      known = np.isin(col, self._scenario_values)
-      if not known.all():
-        col = col.astype(object)
-        col[~known] = raw_s[~known]
-        cols[sfield] = col.astype(str)
-    elif sfield in c.numeric:
-      col = cols[sfield]
-      known = np.array([_categorical(v, [], []) in self._scenario_lookup
-                        for v in col.tolist()], bool)
-      col[~known] = raw_s[~known].astype(np.float64)
+      lookup = self._scenario_lookup
+      key = (lambda v: v) if sfield in c.categorical else _number_key  # noqa: E731
+      rows = [i for i, v in enumerate(col.tolist()) if key(v) not in lookup]
+      if rows:
+        raw_s = [g.raw_scenario for g in groups for _ in range(g.n)]
+        fix = [raw_s[i] for i in rows]
+        col[rows] = fix if sfield in c.categorical else np.array(fix, np.float64)
     table = RawTable(columns=cols, row_file=np.zeros(n, np.int32),
                      row_line=np.arange(1, n + 1, dtype=np.int64), files=["<request>"])
     arrays, _, _ = self.transform.apply(table, on_error="raise", require_label=False)

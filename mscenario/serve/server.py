@@ -3,8 +3,14 @@
 Requests are validated on the event loop (cheap, so a bad one gets its 422 at once), then
 queued; one batcher task takes everything queued — waiting at most `max_batch_wait_ms` for
 company — and encodes + scores it as one batch in a worker thread, padded into the compiled
-bucket sizes. Each batch reads the served version once, so a hot swap (MODEL_DIR/CURRENT
-changed, or POST /v1/reload) never mixes versions inside a response.
+bucket sizes. A request is pinned to the version that parsed it: that version scores it and is
+named in the response, so a hot swap (MODEL_DIR/CURRENT changed, or POST /v1/reload) never
+mixes versions inside a response, nor scores a request with a version that did not check it.
+
+Hostile input: every limit is checked before anything is materialised (body bytes, items,
+string lengths, list lengths, 64-bit integers, numeric range); bad input gets a 422 naming the
+field; the batcher is supervised and a request waits at most `request_timeout_s` (503 +
+Retry-After); connection-level limits are uvicorn's own settings (`uvicorn_config`).
 """
 from __future__ import annotations
 
@@ -26,62 +32,137 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mscenario.errors import MscenarioError
-from mscenario.serve.predictor import Predictor, RequestError
+from mscenario.serve import Limits  # noqa: F401  (defined beside the CLI flags)
+from mscenario.serve.predictor import InputLimits, Predictor, RequestError
 
 log = logging.getLogger("mscenario.serve")
-
-
-@dataclasses.dataclass
-class Limits:
-  max_body_bytes: int = 4 << 20      # 413 beyond this
-  max_items: int = 10_000            # items per HTTP request (all sub-requests together)
-  max_requests: int = 1_000          # sub-requests in the batch form
-  max_batch_rows: int = 8192         # rows the batcher scores in one go
 
 
 class Oversized(Exception):
   pass
 
 
+class Unavailable(Exception):
+  """Scoring cannot answer now (restarting, stalled, queue full): HTTP 503 + Retry-After."""
+
+  def __init__(self, reason: str, retry_after: int = 1):
+    super().__init__(reason)
+    self.retry_after = retry_after
+
+
 @dataclasses.dataclass
 class _Job:
   groups: list            # predictor.Parsed, one per sub-request
   rows: int
+  model: object           # the ModelVersion that parsed the groups: it also scores them
   future: asyncio.Future
   arrived: float
 
 
 class MicroBatcher:
-  """Collects concurrent requests into one encode + score call on a single worker thread."""
+  """Collects concurrent requests into one encode + score call on a single worker thread.
 
-  def __init__(self, predictor: Predictor, max_wait_ms: float, max_rows: int):
+  Supervised: if the batching task dies, the jobs it held fail with 503 and it is restarted
+  (after a short back-off); a request never waits longer than `request_timeout_s`; the queue
+  is bounded in rows. `health()` says why scoring cannot answer, for /healthz.
+  """
+
+  def __init__(self, predictor: Predictor, max_wait_ms: float, max_rows: int, *,
+               max_queued_rows: int = 65_536, request_timeout_s: float = 30.0):
     self.predictor = predictor
     self.max_wait = max(0.0, max_wait_ms) / 1000.0
     self.max_rows = max_rows
+    self.max_queued_rows = max_queued_rows
+    self.timeout = request_timeout_s
     self._pending: collections.deque[_Job] = collections.deque()
+    self._queued_rows = 0
+    self._inflight: list[_Job] = []
+    self._busy_since: float | None = None
     self._wake: asyncio.Event | None = None
     self._task: asyncio.Task | None = None
+    self._stopping = False
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score")
     self.batches = 0
     self.rows = 0
+    self.restarts = 0
+    self.timeouts = 0
+    self.last_failure: str | None = None
 
   def start(self) -> None:
     self._wake = asyncio.Event()
+    self._spawn()
+
+  def _spawn(self) -> None:
+    if self._stopping:
+      return
     self._task = asyncio.get_running_loop().create_task(self._run())
+    self._task.add_done_callback(self._on_done)
+
+  def _on_done(self, task: asyncio.Task) -> None:
+    """The supervisor: a dead batching task fails what it held and is started again."""
+    if self._stopping or task.cancelled():
+      return
+    exc = task.exception()
+    self.restarts += 1
+    self.last_failure = repr(exc)
+    log.error("serve: scoring task died (%r); restarting", exc, exc_info=exc)
+    dead = Unavailable(f"scoring restarted after an internal error: {exc!r}")
+    for job in [*self._inflight, *self._pending]:
+      if not job.future.done():
+        job.future.set_exception(dead)
+    self._inflight, self._busy_since = [], None
+    self._pending.clear()
+    self._queued_rows = 0
+    delay = min(5.0, 0.05 * 2 ** min(self.restarts, 7))
+    asyncio.get_running_loop().call_later(delay, self._spawn)
+
+  def health(self) -> str | None:
+    """None when scoring can answer, else the reason it cannot."""
+    if self._task is None or self._task.done():
+      return f"scoring task is restarting (last failure: {self.last_failure})"
+    if self._busy_since is not None and time.perf_counter() - self._busy_since > self.timeout:
+      return (f"one batch has been scoring for {time.perf_counter() - self._busy_since:.0f} s "
+              f"(> {self.timeout:g} s)")
+    return None
 
   async def stop(self) -> None:
+    self._stopping = True
     if self._task:
       self._task.cancel()
       with contextlib.suppress(asyncio.CancelledError):
         await self._task
     self._pool.shutdown(wait=False, cancel_futures=True)
 
-  async def submit(self, groups: list, rows: int):
-    """-> (list of probability arrays per sub-request, version name)."""
+  async def submit(self, groups: list, rows: int, model):
+    """-> list of probability arrays per sub-request, scored by `model` (the version that
+    parsed them). Raises Unavailable instead of waiting past the request timeout."""
+    if self._task is None or self._task.done():
+      raise Unavailable(self.health() or "scoring is not running")
+    if self._queued_rows and self._queued_rows + rows > self.max_queued_rows:
+      raise Unavailable(f"{self._queued_rows} rows already waiting to be scored")
     fut = asyncio.get_running_loop().create_future()
-    self._pending.append(_Job(groups, rows, fut, time.perf_counter()))
+    self._pending.append(_Job(groups, rows, model, fut, time.perf_counter()))
+    self._queued_rows += rows
     self._wake.set()
-    return await fut
+    try:
+      return await asyncio.wait_for(fut, self.timeout)
+    except TimeoutError:
+      self.timeouts += 1
+      raise Unavailable(f"scoring did not answer within {self.timeout:g} s",
+                        retry_after=max(1, round(self.timeout))) from None
+
+  def _next_batch(self) -> list[_Job]:
+    """Consecutive queued jobs of one model version, up to max_rows (at least one job)."""
+    jobs, rows = [], 0
+    while self._pending and (not jobs or (self._pending[0].model is jobs[0].model and
+                                          rows + self._pending[0].rows <= self.max_rows)):
+      job = self._pending.popleft()
+      self._queued_rows -= job.rows
+      if job.future.done():  # client went away or timed out
+        continue
+      jobs.append(job)
+      rows += job.rows
+    return jobs
 
   async def _run(self) -> None:
     loop = asyncio.get_running_loop()
@@ -90,23 +171,20 @@ class MicroBatcher:
       self._wake.clear()
       while self._pending:
         wait = self._pending[0].arrived + self.max_wait - time.perf_counter()
-        if wait > 0 and sum(j.rows for j in self._pending) < self.max_rows:
+        if wait > 0 and self._queued_rows < self.max_rows:
           await asyncio.sleep(wait)
-        jobs, rows = [], 0
-        while self._pending and (not jobs or rows + self._pending[0].rows <= self.max_rows):
-          job = self._pending.popleft()
-          if job.future.done():  # client went away
-            continue
-          jobs.append(job)
-          rows += job.rows
+        jobs = self._next_batch()
         if not jobs:
           continue
-        model = self.predictor.current  # one version for the whole batch
+        model = jobs[0].model
+        rows = sum(j.rows for j in jobs)
+        self._inflight, self._busy_since = jobs, time.perf_counter()
         try:
           results = await loop.run_in_executor(self._pool, _score_jobs, model, jobs)
         except Exception as e:  # noqa: BLE001 — never let one batch stop the service
           log.exception("scoring failed")
           results = [e] * len(jobs)
+        self._inflight, self._busy_since = [], None
         self.batches += 1
         self.rows += rows
         for job, res in zip(jobs, results):
@@ -115,7 +193,7 @@ class MicroBatcher:
           if isinstance(res, BaseException):
             job.future.set_exception(res)
           else:
-            job.future.set_result((res, model.version))
+            job.future.set_result(res)
 
 
 def _score_jobs(model, jobs):
@@ -144,11 +222,15 @@ def _score_jobs(model, jobs):
 
 
 # ---------------------------------------------------------------------------- HTTP
-def _error(status: int, detail: str, errors=None) -> JSONResponse:
+def _error(status: int, detail: str, errors=None, headers=None) -> JSONResponse:
   body = {"detail": detail}
   if errors is not None:
     body["errors"] = errors
-  return JSONResponse(body, status_code=status)
+  return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _unavailable(e: Unavailable) -> JSONResponse:
+  return _error(503, str(e), headers={"Retry-After": str(e.retry_after)})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -168,15 +250,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
   return b"".join(chunks)
 
 
+def _no_constant(name: str):
+  raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def _parse_json(body: bytes):
+  """json.loads without NaN/Infinity. Raises ValueError with a message for the client: Python
+  itself refuses integers over 4300 digits and nesting deeper than its recursion limit."""
+  try:
+    return json.loads(body, parse_constant=_no_constant)
+  except RecursionError:
+    raise ValueError("JSON nested too deeply") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"body is not UTF-8 text: {e.reason}") from None
+
+
 def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: float = 0.5,
                watch_interval_s: float = 1.0, limits: Limits | None = None,
                predictor: Predictor | None = None) -> Starlette:
   """The ASGI app; `watch_interval_s <= 0` disables polling MODEL_DIR (reload still works)."""
   limits = limits or Limits()
+  input_limits = InputLimits(max_string_chars=limits.max_string_chars,
+                             max_list_len=limits.max_list_len)
   predictor = predictor or Predictor(model_dir)
-  batcher = MicroBatcher(predictor, max_batch_wait_ms, limits.max_batch_rows)
+  batcher = MicroBatcher(predictor, max_batch_wait_ms, limits.max_batch_rows,
+                         max_queued_rows=limits.max_queued_rows,
+                         request_timeout_s=limits.request_timeout_s)
   reload_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reload")
   started = time.time()
+  openapi_cache: dict = {}
 
   def authorised(request: Request) -> bool:
     if not token:
@@ -204,7 +306,14 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
         log.exception("serve: reload failed; still serving %s", predictor.current.version)
 
   async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok", "version": predictor.current.version})
+    """200 only while scoring can answer: a dead or stuck scorer must take the instance out
+    of rotation, not leave it saying ok while requests wait."""
+    version = predictor.current.version
+    reason = batcher.health()
+    if reason:
+      return JSONResponse({"status": "unavailable", "reason": reason, "version": version},
+                          status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok", "version": version})
 
   async def metadata(request: Request) -> JSONResponse:
     if not authorised(request):
@@ -212,20 +321,31 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
     meta = predictor.current.metadata()
     meta["uptime_s"] = round(time.time() - started, 3)
     meta["batches"], meta["rows"] = batcher.batches, batcher.rows
+    meta["restarts"], meta["timeouts"] = batcher.restarts, batcher.timeouts
     return JSONResponse(meta)
+
+  async def openapi(request: Request) -> JSONResponse:
+    model = predictor.current
+    if openapi_cache.get("version") is not model:
+      openapi_cache["version"] = model
+      openapi_cache["doc"] = openapi_document(model, limits, input_limits, bool(token))
+    return JSONResponse(openapi_cache["doc"])
 
   async def predict(request: Request) -> JSONResponse:
     if not authorised(request):
       return unauthorised()
     try:
-      body = await _read_body(request, limits.max_body_bytes)
+      async with asyncio.timeout(limits.body_timeout_s):
+        body = await _read_body(request, limits.max_body_bytes)
     except Oversized:
       return _error(413, f"request body larger than {limits.max_body_bytes} bytes")
+    except TimeoutError:
+      return _error(408, f"request body not received within {limits.body_timeout_s:g} s")
     try:
-      payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+      payload = _parse_json(body)
+    except ValueError as e:
       return _error(422, "invalid request", [{"loc": [], "msg": f"invalid JSON: {e}"}])
-    model = predictor.current
+    model = predictor.current  # pinned: the version that parses also scores and is reported
     batch_form = isinstance(payload, dict) and "requests" in payload
     if batch_form:
       subs = payload["requests"]
@@ -245,23 +365,30 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
     groups, errors = [], []
     for sub, loc in zip(subs, locs):
       try:
-        groups.append(model.parse(sub, loc))
+        groups.append(model.parse(sub, loc, input_limits))
       except RequestError as e:
         errors.extend(e.errors)
+      if len(errors) > input_limits.max_errors:
+        break
     if errors:
-      return _error(422, "invalid request", errors)
+      return _error(422, "invalid request", errors[:input_limits.max_errors + 1])
     try:
-      per, version = await batcher.submit(groups, n_items)
+      per = await batcher.submit(groups, n_items, model)
+    except Unavailable as e:
+      return _unavailable(e)
     except (RequestError, MscenarioError, ValueError) as e:
       errs = getattr(e, "errors", None) or [{"loc": [], "msg": str(e)}]
       return _error(422, "invalid request", errs)
     except Exception:  # noqa: BLE001
       log.exception("predict failed")
       return _error(500, "internal error while scoring")
+    errors = _non_finite(per, locs, model)
+    if errors:
+      return _error(422, "invalid request", errors[:input_limits.max_errors + 1])
     if batch_form:
-      return JSONResponse({"version": version, "model": model.manifest["model"],
+      return JSONResponse({"version": model.version, "model": model.manifest["model"],
                            "results": [{"probabilities": _floats(p)} for p in per]})
-    return JSONResponse({"version": version, "model": model.manifest["model"],
+    return JSONResponse({"version": model.version, "model": model.manifest["model"],
                          "probabilities": _floats(per[0])})
 
   async def reload(request: Request) -> JSONResponse:
@@ -291,17 +418,79 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
 
   app = Starlette(routes=[
       Route("/healthz", healthz, methods=["GET"]),
+      Route("/openapi.json", openapi, methods=["GET"]),
       Route("/v1/metadata", metadata, methods=["GET"]),
       Route("/v1/predict", predict, methods=["POST"]),
       Route("/v1/reload", reload, methods=["POST"]),
   ], lifespan=lifespan)
   app.state.predictor = predictor
   app.state.batcher = batcher
+  app.state.limits = limits
   return app
+
+
+def _non_finite(per: list, locs: list, model) -> list[dict]:
+  """422 errors for items whose probability is not finite (never sent as NaN)."""
+  numeric = sorted(model.columns.numeric)
+  out = []
+  for p, loc in zip(per, locs):
+    for j in np.flatnonzero(~np.isfinite(np.asarray(p))).tolist():
+      out.append({"loc": [*loc, "items", j], "msg": "the model gives no finite probability "
+                  f"for this item; are its numeric fields {numeric} far out of range?"})
+  return out
 
 
 def _floats(p: np.ndarray) -> list[float]:
   return [float(x) for x in np.asarray(p, np.float64).tolist()]
+
+
+def openapi_document(model, limits: Limits, input_limits: InputLimits, auth: bool) -> dict:
+  """OpenAPI 3 description of /v1/predict for the loaded version's fields (GET /openapi.json):
+  clients and fuzzers generate requests from it."""
+  single = model.request_schema(input_limits, limits.max_items)
+  batch = {"type": "object", "required": ["requests"], "additionalProperties": False,
+           "properties": {"requests": {"type": "array", "minItems": 1,
+                                       "maxItems": limits.max_requests,
+                                       "items": {"$ref": "#/components/schemas/Request"}}}}
+  probs = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}}
+  error = {"type": "object", "required": ["detail"], "properties": {
+      "detail": {"type": "string"},
+      "errors": {"type": "array", "items": {"type": "object", "properties": {
+          "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+          "msg": {"type": "string"}}}}}}
+  response = {"type": "object", "required": ["version", "model"], "properties": {
+      "version": {"type": "string", "description": "the model version that scored it"},
+      "model": {"type": "string"}, "probabilities": probs,
+      "results": {"type": "array", "items": {"type": "object",
+                                             "properties": {"probabilities": probs}}}}}
+  err = lambda text: {"description": text, "content": {  # noqa: E731
+      "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+  op = {
+      "summary": "Click probabilities for a user's candidate items in one scenario",
+      "operationId": "predict",
+      "requestBody": {"required": True, "content": {"application/json": {"schema": {
+          "oneOf": [{"$ref": "#/components/schemas/Request"},
+                    {"$ref": "#/components/schemas/BatchRequest"}]}}}},
+      "responses": {
+          "200": {"description": "one probability per item, in item order", "content": {
+              "application/json": {"schema": {"$ref": "#/components/schemas/Response"}}}},
+          "408": err("the request body was not received in time"),
+          "413": err(f"body over {limits.max_body_bytes} bytes or over {limits.max_items} "
+                     "items"),
+          "422": err("invalid request: one message per bad field, with its location"),
+          "503": err("scoring cannot answer now; retry after Retry-After seconds")}}
+  if auth:
+    op["responses"]["401"] = err("missing or invalid bearer token")
+    op["security"] = [{"bearer": []}]
+  doc = {"openapi": "3.0.3",
+         "info": {"title": "mscenario scoring service", "version": model.version,
+                  "description": f"{model.manifest['model']} model, version {model.version}"},
+         "paths": {"/v1/predict": {"post": op}},
+         "components": {"schemas": {"Request": single, "BatchRequest": batch,
+                                    "Response": response, "Error": error}}}
+  if auth:
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+  return doc
 
 
 def read_token(path: str | None) -> str | None:
@@ -317,10 +506,22 @@ def read_token(path: str | None) -> str | None:
   return token
 
 
+def uvicorn_config(app, limits: Limits, **kwargs):
+  """uvicorn's own limits on connections, idle keep-alive and header size (the tests serve
+  with these too)."""
+  import uvicorn
+  return uvicorn.Config(app, log_level="warning", access_log=False,
+                        limit_concurrency=limits.limit_concurrency,
+                        timeout_keep_alive=limits.timeout_keep_alive,
+                        h11_max_incomplete_event_size=limits.max_header_bytes,
+                        http=limits.http, **kwargs)
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, *,
           token_file: str | None = None, max_batch_wait_ms: float = 0.5,
           watch_interval_s: float = 1.0, limits: Limits | None = None) -> None:
   import uvicorn
+  limits = limits or Limits()
   token = read_token(token_file)
   if host not in ("127.0.0.1", "localhost", "::1") and not token:
     log.warning("serve: listening on %s without --token-file: anyone who can reach it can "
@@ -331,5 +532,4 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, *,
   print(f"serve: model {v.manifest['model']} version {v.version} on http://{host}:{port} "
         f"(buckets {list(v.buckets)}, max batch wait {max_batch_wait_ms} ms"
         f"{', bearer token required' if token else ''})", flush=True)
-  uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-              limit_concurrency=None, timeout_keep_alive=30)
+  uvicorn.Server(uvicorn_config(app, limits, host=host, port=port)).run()
