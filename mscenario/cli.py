@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
   serve_cli.add_cli(sub)
   from mscenario.train import update as update_cli
   update_cli.add_cli(sub)
+  from mscenario.explain import run as explain_cli
+  explain_cli.add_cli(sub)
   return p
 
 
@@ -111,6 +113,12 @@ def main(argv=None) -> int:
   except MscenarioError as e:
     print(f"mscenario: error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # noqa: BLE001 -- only the preemption exit is handled here
+    from mscenario.train.fit import Preempted
+    if not isinstance(e, Preempted):
+      raise
+    print(f"mscenario: {e}", file=sys.stderr)
+    return Preempted.EXIT_CODE
   except KeyboardInterrupt:
     print("mscenario: interrupted; the work dir keeps the last checkpoint (run the same "
           "command to resume)", file=sys.stderr)

@@ -80,6 +80,8 @@ def base_config() -> ConfigDict:
   # gather batches there, `train.steps_per_call` steps per host call. auto = when the columns
   # fit `device_budget_mb` per device; always; never (host pipeline, prefetched).
   c.data.on_device = "auto"
+  # Resuming a work dir whose prepared data has another fingerprint is refused unless true.
+  c.data.allow_changed_data = False
   c.data.device_budget_mb = 1024
   c.data.fit_on = "train"          # train | all (the benchmark's behaviour, for parity)
   # Extra embedding rows per vocabulary feature, as a fraction of its fitted size, for values
@@ -97,6 +99,11 @@ def base_config() -> ConfigDict:
   c.data.synthetic.latent_dim = 8
   c.data.synthetic.num_topics = 12
   c.data.synthetic.seed = 0
+  # Ground truth for explanations (mscenario/explain): () = the default world; else one row per
+  # scenario of weights for (user_id, item_id, gender, age_bucket, region, category), and each
+  # scenario's logit becomes base_s + sum_f w[s][f] * e_{s,f}(value), e standardised per feature
+  # (e.g. ((1.5, 1, 0, 0, 0, .5), (0, 0, 1, 1.5, 0, .5), (0, 0, .5, 0, 1, 1.5))).
+  c.data.synthetic.importance = ()
 
   # ---- model --------------------------------------------------------------------------
   c.model = ConfigDict()

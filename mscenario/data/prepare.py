@@ -87,7 +87,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
   random split depends on it, so it must key the cache too.
   """
   cfg = data_cfg.to_dict()
-  for k in ("root", "cache_dir"):
+  # Where the files live and how batches reach the devices do not change the arrays.
+  for k in ("root", "cache_dir", "on_device", "device_budget_mb", "allow_changed_data"):
     cfg.pop(k, None)
   for k, off in (("cold_items", 0.0), ("holdout_scenario", ""),
                  ("reserve_fraction", 0.0)):  # off: caches stay valid

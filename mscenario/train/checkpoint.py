@@ -32,6 +32,10 @@ class Checkpoints:
 
   @staticmethod
   def _save(manager, step: int, state, meta: dict) -> None:
+    """A step already committed is not written again: after a crash the resumed run redoes
+    the same (deterministic) steps and may reach a save that had completed."""
+    if step in manager.all_steps():
+      return
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 

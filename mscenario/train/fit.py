@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 
 import jax
@@ -32,6 +34,51 @@ from mscenario.train import workdir as workdir_lib
 
 class TrainingDiverged(MscenarioError):
   pass
+
+
+class Preempted(Exception):
+  """SIGTERM (how TPU VMs, SLURM and Kubernetes announce preemption) arrived; a checkpoint at
+  a step boundary is on disk. Not an MscenarioError: the CLI exits with EXIT_PREEMPTED."""
+  EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" (schedulers requeue on it)
+
+
+class Preemption:
+  """Has a preemption been announced? Checked at every call boundary of the loop.
+
+  One process: our own SIGTERM handler sets a flag. Several processes (jax.distributed):
+  JAX's preemption service receives the signal and agrees on one sync point for every host
+  (`multihost_utils.reached_preemption_sync_point`), called with the loop's call counter,
+  which advances identically on every host.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self.calls = 0
+    self._previous = None
+    self.multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self.multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_signal(self, signum, frame):
+    self.flag = True
+
+  def requested(self) -> bool:
+    self.calls += 1
+    if self.multi:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(self.calls)
+      except RuntimeError:  # preemption service not enabled in this runtime
+        return False
+    return self.flag
 
 
 class Logger:
@@ -238,7 +285,8 @@ class _Pending:
 
 def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, meta,
         end_of_epoch=None, stop_after_steps: int = -1, checkpoint_every: int = 0,
-        log_every: int = 50, extra_record: dict | None = None, desc: str = "epoch"):
+        log_every: int = 50, extra_record: dict | None = None, desc: str = "epoch",
+        preemptible: bool = True):
   """Train from `progress` ({'epoch', 'batch', …}) until `epochs` are done, the hook sets
   progress['stopped'], or `stop_after_steps` is reached. Returns (state, progress);
   progress['finished'] is set when the epochs ran out (or early stopping ended them).
@@ -246,6 +294,15 @@ def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, met
   end_of_epoch(state, progress, step, epoch_loss) runs after progress moved to the next
   epoch: it validates and saves. `meta(progress)` is what checkpoints record.
   """
+  with Preemption() as preemption:
+    return _fit(setup, state, progress, source, preemption, epochs=epochs, ckpts=ckpts,
+                logger=logger, meta=meta, end_of_epoch=end_of_epoch,
+                stop_after_steps=stop_after_steps, checkpoint_every=checkpoint_every,
+                log_every=log_every, extra_record=extra_record, desc=desc)
+
+
+def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, meta,
+         end_of_epoch, stop_after_steps, checkpoint_every, log_every, extra_record, desc):
   is_main = jax.process_index() == 0
   step = int(state.step)
   extra = dict(extra_record or {})
@@ -272,8 +329,9 @@ def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, met
         last = progress["batch"] == source.num_batches
         save = bool(checkpoint_every and step % checkpoint_every == 0 and not last)
         stop = 0 <= stop_after_steps <= step
+        preempted = preemption is not None and preemption.requested()
         logged = (step // log_every) > ((step - n) // log_every)
-        if not (logged or last or save or stop):
+        if not (logged or last or save or stop or preempted):
           continue
         first, losses, gnorms = pending.fetch()
         check_finite(losses, gnorms, step, epoch, ckpts)
@@ -289,15 +347,29 @@ def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, met
             since_record = []
             logger.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{eps:,.0f}")
-        if save or stop:
+        if preempted and last:  # the end-of-epoch checkpoint follows; then stop
+          progress["preempted"] = True
+        elif save or stop or preempted:
           ckpts.save_latest(step, state, meta(progress))
         if stop:
           return state, progress
+        if preempted and not last:
+          ckpts.wait()
+          raise Preempted(f"preempted (SIGTERM): checkpoint saved at step {step} (epoch "
+                          f"{epoch + 1}, batch {progress['batch']}); run the same command "
+                          "to resume exactly there")
     finally:
       bar.close()
       source.end_epoch()
     progress["epoch"], progress["batch"] = epoch + 1, 0
+    preempted = progress.pop("preempted", False)
     if end_of_epoch is not None:
       end_of_epoch(state, progress, step, loss_sum / max(loss_n, 1))
+    if preempted:
+      if end_of_epoch is None:
+        ckpts.save_latest(step, state, meta(progress))
+      ckpts.wait()
+      raise Preempted(f"preempted (SIGTERM): checkpoint saved at step {step} (end of epoch "
+                      f"{epoch + 1}); run the same command to resume exactly there")
   progress["finished"] = True
   return state, progress

@@ -38,7 +38,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.stop_after_steps", "train.patience",
                      "train.log_every_steps", "train.checkpoint_every_steps", "data.root",
                      "data.cache_dir", "mesh.data", "mesh.model", "distributed.coordinator",
                      "distributed.num_processes", "distributed.process_id", "train.prefetch",
-                     "train.steps_per_call", "data.on_device", "data.device_budget_mb")
+                     "train.steps_per_call", "data.on_device", "data.device_budget_mb",
+                     "data.allow_changed_data")
 
 
 def versions() -> dict:
@@ -71,6 +72,23 @@ def check_resumable(saved: dict, current: dict) -> None:
     shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
     raise ConfigError(f"the work dir holds a run with a different config ({shown}); use a new "
                       "--workdir, or the same config to resume")
+
+
+def check_same_data(saved: dict, data: PreparedData, config) -> None:
+  """Resuming on different data would silently mix two runs; refuse unless asked."""
+  if saved.get("fingerprint") == data.fingerprint:
+    return
+  if config.data.get("allow_changed_data", False):
+    print(f"train: warning: the prepared data changed since this run started "
+          f"(fingerprint {saved.get('fingerprint')} -> {data.fingerprint}); continuing "
+          "because data.allow_changed_data=true", file=sys.stderr)
+    return
+  raise ConfigError(
+      f"the work dir's run was trained on other data: prepared-data fingerprint "
+      f"{saved.get('fingerprint')} (from {saved.get('path', '?')}) but the data now gives "
+      f"{data.fingerprint} (from {data.path}). The input files or the data config changed. "
+      "Use a new --workdir, restore the original data, or pass "
+      "--config.data.allow_changed_data=true to continue on the new data deliberately.")
 
 
 # ---------------------------------------------------------------------------- setup
@@ -376,6 +394,8 @@ def train(config, workdir: str, *, log=print) -> dict:
   if config.text.enabled:
     from mscenario.models.fusion import prepare_text_tables
     text_tables = prepare_text_tables(config, wd.path, data, log=log)
+  if wd.exists(workdir_lib.DATA):
+    check_same_data(wd.read_json(workdir_lib.DATA), data, config)
   setup = build(config, data, mesh, text_tables)
   write_run_info(config, wd, data)
   tc = config.train
