@@ -16,6 +16,9 @@ The world (built once from the seed):
     an interest shift W_s = I + lambda_s R_s and an additive item-side vector b_s, a strength
     a_s, and a topic tilt of which items they show.
   * p = sigmoid(base_s + a_s * <u, W_s i + b_s> + item_bias + user_bias_s); label ~ Bernoulli(p).
+  * With `importance` set (ground truth for explanations), p = sigmoid(base_s +
+    sum_f w[s][f] * e_{s,f}(value of f)) instead: an additive world in which each feature's
+    contribution to each scenario's logit is known exactly (`contributions`).
 
 Rows are generated in fixed chunks of `CHUNK_ROWS`; the RNG of chunk k is derived from
 (seed, k) alone, so any row range (e.g. one host's shard) is reproducible independently.
@@ -35,6 +38,8 @@ GENDERS = ("F", "M")
 AGE_BUCKETS = ("under18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 NUM_REGIONS = 50
 AFFINITY_STD = 1.3  # logit std of the interest term for a_s = 1
+# Columns of `data.synthetic.importance`: one weight per feature and scenario.
+IMPORTANCE_FEATURES = ("user_id", "item_id", "gender", "age_bucket", "region", "category")
 
 # Real English words per topic make item texts meaningful to a pretrained language model.
 TOPIC_WORDS = (
@@ -127,6 +132,47 @@ class SyntheticWorld:
       raise ValueError("data.synthetic.num_rows and data.synthetic.seed must be >= 0")
     self._build(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(0,))))
     self._texts = None
+    self.importance = self._importance(_get(cfg, "importance", ()))
+
+  def _importance(self, weights) -> np.ndarray | None:
+    """[S, F] weights of the additive ground-truth world, or None (the default world).
+
+    Each feature value v gets a per-scenario effect e_{s,f}(v) ~ N(0, 1), standardised over
+    the feature's values (mean 0, std 1), so w[s][f] is the logit std feature f carries in
+    scenario s. Drawn from their own RNG stream: the default world is unchanged.
+    """
+    if weights is None or len(weights) == 0:
+      return None
+    w = np.asarray(weights, dtype=np.float64)
+    nf = len(IMPORTANCE_FEATURES)
+    if w.shape != (self.num_scenarios, nf) or not np.all(np.isfinite(w)) or np.any(w < 0):
+      raise ValueError(
+          f"data.synthetic.importance: expected {self.num_scenarios} rows (one per scenario) "
+          f"of {nf} non-negative weights for {IMPORTANCE_FEATURES}, got {weights!r}")
+    rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(4,)))
+    sizes = (self.num_users, self.num_items, len(GENDERS), len(AGE_BUCKETS), NUM_REGIONS,
+             self.num_topics)
+    self._effects = []
+    for n in sizes:
+      e = rng.standard_normal((self.num_scenarios, n))
+      if n > 1:
+        e = (e - e.mean(axis=1, keepdims=True)) / (e.std(axis=1, keepdims=True) + 1e-12)
+      else:
+        e = np.zeros_like(e)
+      self._effects.append(e)
+    return w
+
+  def contributions(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+    """[N, F] each feature's additive term w[s][f] * e_{s,f}(v) in the logit of the rows
+    `cols` (integer-coded, as `rows()` returns them); importance worlds only."""
+    if self.importance is None:
+      raise ValueError("contributions() needs data.synthetic.importance")
+    scen = np.asarray(cols["scenario"]).astype(np.int64)
+    out = np.empty((len(scen), len(IMPORTANCE_FEATURES)))
+    for f, name in enumerate(IMPORTANCE_FEATURES):
+      values = np.asarray(cols[name]).astype(np.int64)
+      out[:, f] = self.importance[scen, f] * self._effects[f][scen, values]
+    return out
 
   # ---- the world ------------------------------------------------------------------------
   def _build(self, rng: np.random.Generator) -> None:
@@ -248,8 +294,15 @@ class SyntheticWorld:
     items = key_row - scen * ni
     aff = np.einsum("nd,nd->n", np.take(self._user_vec, users, axis=0),
                     np.take(self._item_key, key_row, axis=0))
-    logit = (self.scenario_base[scen] + aff.astype(np.float64) + self.item_bias[items]
-             + self._user_bias[scen, users])
+    if self.importance is None:
+      logit = (self.scenario_base[scen] + aff.astype(np.float64) + self.item_bias[items]
+               + self._user_bias[scen, users])
+    else:
+      logit = self.scenario_base[scen] + self.contributions(
+          {"scenario": scen, "user_id": users, "item_id": items,
+           "gender": self.user_gender[users], "age_bucket": self.user_age[users],
+           "region": self.user_region[users],
+           "category": self.item_category[items]}).sum(axis=1)
     truth = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(n) < truth).astype(np.float32)
     index = np.arange(k * n, (k + 1) * n, dtype=np.int64)
