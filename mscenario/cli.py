@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
       prog="mscenario",
       description="Multi-scenario interest prediction with JAX/Flax. Any --config.KEY=VALUE "
                   "argument overrides the config (e.g. --config.train.epochs=3).")
+  from mscenario import __version__
+  p.add_argument("--version", action="version", version=f"mscenario {__version__}")
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="train (or resume) a model in a work dir")

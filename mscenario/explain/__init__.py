@@ -1,0 +1,11 @@
+"""Explanations: why a scenario scores a row as it does (`mscenario explain`).
+
+  groups.py     which model inputs make up each explained feature
+  baseline.py   the integrated-gradients baseline (frequency-weighted mean embeddings)
+  integrated.py integrated gradients, batched and jitted
+  attribute.py  attributions for many rows (chunks, progress, completeness tolerance)
+  internals.py  MMoE/PLE gate use per scenario, STAR shared vs scenario-specific
+  summary.py    per-scenario tables, scenario similarity, rank correlation
+  plots.py      heatmap PNGs
+  run.py        a work dir -> explain.json, CSV, PNGs; the CLI command
+"""

@@ -1,0 +1,183 @@
+"""explain.json, attributions.csv and the PNGs for one explained run."""
+from __future__ import annotations
+
+import csv
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from mscenario.explain import attribute, internals, plots, summary
+
+
+def _clean(x):
+  """JSON-safe nested lists (NaN -> None)."""
+  a = np.asarray(x, np.float64)
+  return [_clean(v) for v in a] if a.ndim else (None if not np.isfinite(a) else float(a))
+
+
+def _gates(run, explainer, arrays, idx, batch_size: int):
+  """{gate name: [S, E] mean gate of each scenario's rows}, from the explained rows."""
+  from mscenario.explain.attribute import _batch
+  fn = internals.make_gate_fn(run.setup.model)
+  s = run.setup.model.schema.num_scenarios
+  sums, counts = {}, np.zeros(s)
+  for lo in range(0, len(idx), batch_size):
+    part = idx[lo: lo + batch_size]
+    real = len(part)
+    if real < batch_size:
+      part = np.concatenate([part, np.full(batch_size - real, part[0])])
+    batch = {k: jnp.asarray(v) for k, v in _batch(arrays, part).items()}
+    batch["embedding_rows"] = explainer.gather(batch)
+    gates = fn(run.state.params, run.state.model_state, batch)
+    onehot = np.eye(s)[np.asarray(batch["scenario"][:real]).astype(np.int64)]  # [B, S]
+    for name, g in gates.items():
+      g = np.asarray(g)[:real]                      # [B, S, E]: row b's gate of scenario s
+      own = np.einsum("bs,bse->se", onehot, g)      # each row's own scenario's gate
+      sums[name] = sums.get(name, 0) + own
+    counts += onehot.sum(axis=0)
+  return {k: v / np.maximum(counts, 1)[:, None] for k, v in sums.items()}
+
+
+def _star(run, explainer, arrays, idx, batch_size: int):
+  """Shared network alone vs full logits per scenario (None: no scenario factors)."""
+  from mscenario.explain.attribute import _batch
+  from mscenario.explain.integrated import make_logits_fn
+  import jax
+  shared_params = internals.identity_params(run.state.params, explainer.baseline.context)
+  if shared_params is None:
+    return None
+  fn = jax.jit(make_logits_fn(run.setup.model))
+  full, shared = [], []
+  for lo in range(0, len(idx), batch_size):
+    part = idx[lo: lo + batch_size]
+    real = len(part)
+    if real < batch_size:
+      part = np.concatenate([part, np.full(batch_size - real, part[0])])
+    batch = {k: jnp.asarray(v) for k, v in _batch(arrays, part).items()}
+    batch["embedding_rows"] = explainer.gather(batch)
+    full.append(np.asarray(fn(run.state.params, run.state.model_state, batch))[:real])
+    shared.append(np.asarray(fn(shared_params, run.state.model_state, batch))[:real])
+  full, shared = np.concatenate(full), np.concatenate(shared)
+  scen = np.asarray(arrays["scenario"][idx]).astype(np.int64)
+  labels = np.asarray(arrays["label"][idx])
+  out = {}
+  from mscenario.metrics import auc
+  for s, name in enumerate(run.setup.model.schema.scenario_names):
+    m = scen == s
+    if not m.any():
+      continue
+    spec = np.abs(full[m] - shared[m]).mean()
+    spread = np.abs(shared[m] - shared[m].mean()).mean()
+    entry = {"rows": int(m.sum()), "mean_logit_full": float(full[m].mean()),
+             "mean_logit_shared": float(shared[m].mean()),
+             "mean_abs_specific": float(spec), "mean_abs_shared_spread": float(spread),
+             "specific_share": float(spec / max(spec + spread, 1e-12)),
+             "corr_full_shared": float(np.corrcoef(full[m], shared[m])[0, 1])
+             if m.sum() > 1 else None}
+    if len(np.unique(labels[m])) == 2:
+      entry["auc_full"] = float(auc(labels[m], full[m]))
+      entry["auc_shared"] = float(auc(labels[m], shared[m]))
+    out[name] = entry
+  return out
+
+
+def write(out: str, run, explainer, a: attribute.Attributions, arrays, lines, source: str,
+          batch_size: int) -> dict:
+  schema = run.setup.model.schema
+  names = list(schema.scenario_names)
+  s = len(names)
+  feats = list(a.groups.names)
+  table = summary.per_scenario_mean_abs(a.attr, a.scenario, s)
+  signed = summary.per_scenario_mean(a.attr, a.scenario, s)
+  counts = np.bincount(a.scenario, minlength=s)
+  res = a.residual
+  gap = np.abs(a.logit - a.base_logit)
+  result = {
+      "source": source, "rows": int(len(a.index)), "model": run.config.model.name,
+      "method": {"name": "integrated gradients", "steps": a.steps, "rule": "midpoint",
+                 "baseline": "frequency-weighted mean embedding of each feature over the "
+                             "training rows; dense: training mean; scenario context: "
+                             "traffic-weighted mean over scenarios; same scenario",
+                 "target": "logit"},
+      "completeness": {
+          "max_abs_residual": float(np.abs(res).max()),
+          "mean_abs_residual": float(np.abs(res).mean()),
+          "max_residual_over_1_plus_gap": float((np.abs(res) / (1 + gap)).max()),
+          "tolerance": f"|sum(attr) - (logit - baseline_logit)| <= "
+                       f"{attribute.COMPLETENESS_ATOL} + {attribute.COMPLETENESS_RTOL} * "
+                       f"|logit - baseline_logit|",
+          "fraction_within": float(a.within_tolerance().mean())},
+      "features": feats, "scenarios": names,
+      "rows_per_scenario": {n: int(c) for n, c in zip(names, counts)},
+      "mean_abs_attribution": {n: dict(zip(feats, _clean(table[i]))) for i, n in
+                               enumerate(names)},
+      "mean_attribution": {n: dict(zip(feats, _clean(signed[i]))) for i, n in
+                           enumerate(names)},
+      "mean_logit": {n: _clean(summary.per_scenario_mean(a.logit, a.scenario, s)[i])
+                     for i, n in enumerate(names)},
+      "mean_baseline_logit": {n: _clean(summary.per_scenario_mean(a.base_logit, a.scenario,
+                                                                  s)[i])
+                              for i, n in enumerate(names)},
+      "similarity": {"attribution": _clean(summary.cosine_similarity(table))},
+      "files": {"rows_csv": "attributions.csv", "heatmap": "attribution_heatmap.png",
+                "similarity": "scenario_similarity.png"},
+  }
+  plots.heatmap(table, names, feats, os.path.join(out, "attribution_heatmap.png"),
+                f"mean |IG attribution| of the logit ({run.config.model.name})")
+  gates = _gates(run, explainer, arrays, a.index, batch_size)
+  if gates:
+    result["gates"] = {}
+    profiles = []
+    for name, g in gates.items():
+      labels = internals.expert_labels(run.setup.model, g.shape[1])
+      file = f"gates_{name.replace('/', '_')}.png"
+      plots.heatmap(g, names, labels, os.path.join(out, file),
+                    f"mean gate weight per scenario ({name})", vmin=0.0, vmax=1.0)
+      result["gates"][name] = {"experts": labels, "mean_gate": _clean(g), "png": file}
+      profiles.append(g - 1.0 / g.shape[1])  # preference over uniform use: cosine then
+      # says which scenarios lean on the same experts (raw gates are all near-uniform-positive)
+    result["similarity"]["gates"] = _clean(summary.cosine_similarity(
+        np.concatenate(profiles, axis=1)))
+  star = _star(run, explainer, arrays, a.index, batch_size)
+  if star is not None:
+    result["shared_vs_specific"] = star
+  sims = [("attribution", summary.cosine_similarity(table))]
+  if gates:
+    sims.append(("gates", np.asarray(result["similarity"]["gates"], np.float64)))
+  sim_rows = [f"{n} ({k})" for k, _ in sims for n in names]
+  plots.heatmap(np.concatenate([m for _, m in sims]), sim_rows, names,
+                os.path.join(out, "scenario_similarity.png"),
+                "scenario similarity (cosine of per-scenario profiles)", vmin=-1.0, vmax=1.0,
+                cmap="coolwarm")
+  _write_csv(os.path.join(out, "attributions.csv"), a, lines, names, feats)
+  from mscenario.train.workdir import write_json
+  write_json(os.path.join(out, "explain.json"), result, indent=2)
+  return result
+
+
+def _write_csv(path: str, a, lines, names, feats) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["line", "scenario", "logit", "baseline_logit", "residual", *feats])
+    for i in range(len(a.index)):
+      w.writerow([int(lines[i]), names[a.scenario[i]], f"{a.logit[i]:.6f}",
+                  f"{a.base_logit[i]:.6f}", f"{a.residual[i]:.2e}",
+                  *(f"{v:.6f}" for v in a.attr[i])])
+
+
+def summary_text(result: dict, out: str) -> str:
+  c = result["completeness"]
+  lines = [f"explain: {result['rows']:,} rows of {result['source']} ({result['model']}), "
+           f"{result['method']['steps']} IG steps; completeness: max |residual| "
+           f"{c['max_abs_residual']:.2e}, {c['fraction_within']:.1%} within {c['tolerance']}",
+           "mean |attribution| per scenario:"]
+  feats = result["features"]
+  width = max(len(f) for f in feats)
+  lines.append(" " * (width + 2) + "".join(f"{n:>10}" for n in result["scenarios"]))
+  for f in feats:
+    vals = [result["mean_abs_attribution"][n][f] for n in result["scenarios"]]
+    lines.append(f"  {f:<{width}}" + "".join(f"{v:10.4f}" if v is not None else f"{'-':>10}"
+                                             for v in vals))
+  lines.append(f"wrote {os.path.join(out, 'explain.json')}, attributions.csv and PNGs")
+  return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""`mscenario explain`: a work dir's best checkpoint -> attributions, model internals,
+explain.json, a per-row CSV and heatmap PNGs."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mscenario.errors import MscenarioError
+
+
+@dataclasses.dataclass
+class Run:
+  config: object
+  data: object
+  setup: object
+  state: object
+
+
+def load_run(workdir: str, overrides=(), log=print) -> Run:
+  """Config, prepared data, built setup and best state of a work dir (evaluate_workdir's
+  pattern)."""
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import loop
+  from mscenario.train.evaluate import _text_tables
+  from mscenario.train.workdir import CONFIG, WorkDir
+  wd = WorkDir(workdir)
+  wd.require(CONFIG)
+  config = wd.read_config(overrides)
+  data = loop.load_data(config, log=log)
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
+                     _text_tables(config, workdir, data))
+  state = wd.restore(setup.abstract_state, "best", config.train.keep_checkpoints)[0]
+  return Run(config, data, setup, state)
+
+
+def _sample(idx: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
+  """A seeded sample of `rows` of `idx` in their original order (all when rows <= 0)."""
+  if rows <= 0 or rows >= len(idx):
+    return np.asarray(idx)
+  pick = np.sort(np.random.default_rng(seed).choice(len(idx), rows, replace=False))
+  return np.asarray(idx)[pick]
+
+
+def _input_rows(run: Run, workdir: str, input_path: str):
+  """(arrays, line numbers) of a CSV/Parquet file of raw rows, through the run's transform
+  (predict's path: unknown values -> OOV; no label needed)."""
+  import os
+  from mscenario.data.sources import load_source
+  from mscenario.train.workdir import WorkDir
+  if not os.path.isfile(input_path):
+    raise MscenarioError(f"--input {input_path}: no such file")
+  cfg = run.config.copy_and_resolve_references()
+  cfg.data.source = "table"
+  cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = input_path, "", ""
+  table = load_source(cfg.data)
+  transform = WorkDir(workdir).read_transform()
+  arrays, keep, _ = transform.apply(table, on_error=cfg.data.on_error, require_label=False)
+  if len(arrays["label"]) == 0:
+    raise MscenarioError(f"--input {input_path}: no rows to explain")
+  return arrays, np.asarray(table.row_line)[keep]
+
+
+def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
+                    input_path: str | None = None, out: str | None = None,
+                    steps: int | None = None, batch_size: int = 256, overrides=(),
+                    log=print) -> dict:
+  """Explain a work dir's best model; writes explain.json, attributions.csv and PNGs into
+  `out` (default: the work dir) and returns explain.json's content."""
+  import os
+  from mscenario.explain import integrated, report
+  from mscenario.explain.attribute import Explainer
+  if steps is None:
+    steps = integrated.DEFAULT_STEPS
+  if steps < 1 or batch_size < 1:
+    raise MscenarioError(f"--steps {steps} / batch size {batch_size}: need at least 1")
+  run = load_run(workdir, overrides, log=log)
+  data = run.data
+  if input_path:
+    arrays, lines = _input_rows(run, workdir, input_path)
+    idx = _sample(np.arange(len(arrays["label"])), rows)
+    lines = lines[idx]
+    source = os.path.abspath(input_path)
+  else:
+    if split not in data.splits:
+      raise MscenarioError(f"--split {split}: the data has splits {sorted(data.splits)}")
+    if len(data.splits[split]) == 0:
+      raise MscenarioError(f"--split {split} has no rows to explain")
+    arrays = data.arrays
+    idx = _sample(data.splits[split], rows)
+    lines = idx + 1
+    source = split
+  if len(data.splits.get("train", ())) == 0:
+    raise MscenarioError("the baseline is the training rows' mean embedding, and the data "
+                         "has no training rows")
+  explainer = Explainer(run.setup.model, run.setup.model.schema, run.state, data.arrays,
+                        np.asarray(data.splits["train"]), steps)
+  attributions = explainer.explain(arrays, idx, batch_size=min(batch_size, len(idx)))
+  out = out or workdir
+  os.makedirs(out, exist_ok=True)
+  result = report.write(out, run, explainer, attributions, arrays, lines, source,
+                        batch_size=min(batch_size, len(idx)))
+  log(report.summary_text(result, out))
+  return result
+
+
+def cmd_explain(args, overrides):
+  explain_workdir(args.workdir, args.split, args.rows, args.input, args.out, args.steps,
+                  overrides=overrides)
+
+
+def add_cli(subparsers) -> None:
+  """Adds `explain` to the top-level `mscenario` parser."""
+  e = subparsers.add_parser(
+      "explain", help="per-feature attributions (integrated gradients) per row and scenario, "
+                      "model internals; writes explain.json, attributions.csv and PNGs")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--config", help="unused (the work dir's config is explained)")
+  e.add_argument("--split", default="test", choices=("train", "valid", "test"))
+  e.add_argument("--rows", type=int, default=2000,
+                 help="rows to explain, a seeded sample of the split or input (0 = all)")
+  e.add_argument("--input", help="CSV/Parquet of raw rows to explain instead of a split")
+  e.add_argument("--out", help="output dir (default: the work dir)")
+  e.add_argument("--steps", type=int, default=None,
+                 help="integrated-gradients path points (default 256)")
+  e.set_defaults(func=cmd_explain)
