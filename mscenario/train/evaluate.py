@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 
 import jax
@@ -29,25 +30,37 @@ def _text_tables(config, workdir: str, data):
                            data.schema.item_vocab_size)
 
 
-def evaluate_workdir(config, workdir: str, split: str = "test") -> dict:
+def evaluate_workdir(config, workdir: str, split: str = "test", *, report: bool = True) -> dict:
+  """Metrics of the best checkpoint on `split`; with `report`, also eval_<split>.json and
+  the printed table (what `mscenario eval` does)."""
   from mscenario.metrics import format_table
-  data = loop.load_data(config)
+  data = loop.load_data(config, log=print if report else (lambda *_: None))
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
                      _text_tables(config, workdir, data))
   state = _restore(setup, workdir)
   results = loop.evaluate_split(setup, state, split)
-  if jax.process_index() == 0:
+  if report and jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, f"eval_{split}.json"), results, indent=2,
                            sort_keys=True)
     print(format_table(results))
   return results
 
 
-def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.ndarray:
+@dataclasses.dataclass
+class Scores:
+  """Probabilities for the scored rows of an input file, with where each row came from."""
+  probs: np.ndarray       # [n] float32
+  lines: np.ndarray       # [n] 1-based input line of each scored row
+  scenarios: list         # [n] scenario name of each row
+  skipped: dict           # reason -> rows not scored (data.on_error=skip)
+
+
+def score_file(config, workdir: str, input_path: str) -> Scores:
   """Score a CSV/Parquet file of raw rows with the work dir's best model.
 
   The fitted transform saved in the work dir maps raw values to ids (unknown ids -> OOV), so
-  neither the training data nor its cache is needed.
+  neither the training data nor its cache is needed; items new to the model are scored from
+  their own text when the run has text features.
   """
   from mscenario.data.sources import load_source
   transform = workdir_lib.WorkDir(workdir).read_transform()
@@ -73,16 +86,22 @@ def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.
   state = _restore(setup, workdir)
   probs = loop.predict(setup, state, "predict")
   names = transform.schema.scenario_names
-  lines = np.asarray(table.row_line)[keep]
+  return Scores(probs, np.asarray(table.row_line)[keep],
+                [names[s] for s in arrays["scenario"].tolist()], skipped)
+
+
+def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.ndarray:
+  """`mscenario predict`: score_file, written as CSV (line, scenario, probability)."""
+  scores = score_file(config, workdir, input_path)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "w", newline="") as f:
       w = csv.writer(f)
       w.writerow(["line", "scenario", "probability"])
-      for line, s, p in zip(lines.tolist(), arrays["scenario"].tolist(), probs.tolist()):
-        w.writerow([line, names[s], f"{p:.6f}"])
-    msg = f"predict: wrote {n:,} probabilities to {output_path}"
-    if skipped:
-      msg += f" (skipped rows: {skipped})"
+      for line, s, p in zip(scores.lines.tolist(), scores.scenarios, scores.probs.tolist()):
+        w.writerow([line, s, f"{p:.6f}"])
+    msg = f"predict: wrote {len(scores.probs):,} probabilities to {output_path}"
+    if scores.skipped:
+      msg += f" (skipped rows: {scores.skipped})"
     print(msg)
-  return probs
+  return scores.probs

@@ -1,0 +1,132 @@
+"""The Python API: every CLI command as a function or a method of one `Run` (a work dir).
+
+  import mscenario as ms
+  config = ms.load_config("configs/ml100k_star.py", {"train.epochs": 2})
+  run = ms.train(config, "runs/star")            # or ms.Run.open("runs/star")
+  run.results["overall"]["auc"]                  # results.json
+  run.evaluate("valid")                          # metrics dict
+  run.predict(frame)                             # DataFrame | dict of columns | CSV/Parquet path
+  run.export("models/star")                      # a servable model version
+  params = run.state("best")                     # parameters as a numpy pytree
+
+Nothing here has logic of its own: it names the steps the commands take.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mscenario import config as config_lib
+from mscenario.errors import MscenarioError
+from mscenario.train import evaluate as evaluate_lib
+from mscenario.train import loop
+from mscenario.train import workdir as workdir_lib
+
+
+def _override_strings(overrides) -> list[str]:
+  """--config.a.b=v strings, 'a.b=v' strings, or a mapping {'a.b': value}."""
+  if overrides is None:
+    return []
+  if isinstance(overrides, Mapping):
+    return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in overrides.items()]
+  if isinstance(overrides, str):
+    raise TypeError("overrides: pass a list of 'a.b=value' strings or a mapping, not a str")
+  return list(overrides)
+
+
+def load_config(path: str, overrides: Mapping | Sequence[str] | None = None):
+  """`configs/NAME.py` with overrides applied (unknown keys are errors)."""
+  return config_lib.load_config(path, _override_strings(overrides))
+
+
+def train(config, workdir: str, *, log=print) -> "Run":
+  """Train (or resume) `config` in `workdir`; the finished run."""
+  loop.train(config, workdir, log=log)
+  return Run(workdir, config)
+
+
+class Run:
+  """A training run's work dir: its config, results, checkpoints and what can be done with
+  them. Open an existing one with `Run.open(workdir)`."""
+
+  def __init__(self, workdir: str, config=None):
+    self.workdir = workdir_lib.WorkDir(workdir)
+    self.config = config if config is not None else self.workdir.read_config()
+
+  @classmethod
+  def open(cls, workdir: str, overrides: Mapping | Sequence[str] | None = None) -> "Run":
+    wd = workdir_lib.WorkDir(workdir)
+    if not os.path.isdir(wd.path):
+      raise MscenarioError(f"{wd.path}: no such work dir")
+    return cls(workdir, wd.read_config(_override_strings(overrides)))
+
+  @property
+  def path(self) -> str:
+    return self.workdir.path
+
+  @property
+  def results(self) -> dict | None:
+    """The test results the run wrote when it finished (None while it has not)."""
+    if not self.workdir.exists(workdir_lib.RESULTS):
+      return None
+    return self.workdir.read_json(workdir_lib.RESULTS)
+
+  @property
+  def metrics(self) -> list[dict]:
+    """The records of metrics.jsonl (training loss, validation AUC per epoch, …)."""
+    return self.workdir.read_metrics()
+
+  def evaluate(self, split: str = "test") -> dict:
+    """Overall and per-scenario metrics of the best checkpoint on `split`."""
+    if split not in ("train", "valid", "test"):
+      raise MscenarioError(f"split={split!r}: expected train, valid or test")
+    return evaluate_lib.evaluate_workdir(self.config, self.path, split, report=False)
+
+  def predict(self, rows) -> np.ndarray:
+    """Click probabilities for raw rows: a pandas DataFrame, a dict of equally long columns,
+    or a CSV/Parquet path. Columns are the data's raw fields (as in the training files);
+    unknown ids score as OOV, new items from their text. Rows the input policy skips
+    (data.on_error=skip) are left out; the default policy raises naming the row."""
+    if isinstance(rows, (str, os.PathLike)):
+      return evaluate_lib.score_file(self.config, self.path, os.fspath(rows)).probs
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
+      table = pa.Table.from_pandas(rows, preserve_index=False)
+    elif isinstance(rows, Mapping):
+      table = pa.table({k: list(v) if not isinstance(v, np.ndarray) else v
+                        for k, v in rows.items()})
+    else:
+      raise TypeError(f"rows: expected a DataFrame, a dict of columns or a path, not "
+                      f"{type(rows).__name__}")
+    with tempfile.TemporaryDirectory(prefix="mscenario-predict-") as tmp:
+      path = os.path.join(tmp, "rows.parquet")
+      pq.write_table(table, path)
+      return evaluate_lib.score_file(self.config, self.path, path).probs
+
+  def export(self, out_dir: str, *, buckets: Sequence[int] | None = None,
+             checkpoint: str = "best", keep: int = 5, log=print) -> str:
+    """A new servable version in `out_dir` (what `mscenario serve` loads); its path."""
+    from mscenario.serve import DEFAULT_BUCKETS
+    from mscenario.serve import export as export_lib
+    return export_lib.export(self.path, out_dir, buckets=tuple(buckets or DEFAULT_BUCKETS),
+                             checkpoint=checkpoint, keep=keep, log=log)
+
+  def state(self, which: str = "best") -> dict:
+    """Trainable parameters (embedding table included) of the best or latest checkpoint,
+    as a pytree of numpy arrays."""
+    import jax
+    from mscenario.serve import export as export_lib
+    _, _, _, state, _ = export_lib.restore(self.path, which)
+    return jax.tree_util.tree_map(np.asarray, loop.all_params(state))
+
+  def __repr__(self) -> str:
+    auc = (self.results or {}).get("overall", {}).get("auc")
+    shown = f", test AUC {auc:.4f}" if isinstance(auc, float) else ""
+    return f"Run({self.path!r}, model={self.config.model.name!r}{shown})"
+
+
+__all__ = ["load_config", "train", "Run"]
