@@ -7,5 +7,6 @@
   internals.py  MMoE/PLE gate use per scenario, STAR shared vs scenario-specific
   summary.py    per-scenario tables, scenario similarity, rank correlation
   plots.py      heatmap PNGs
-  run.py        a work dir -> explain.json, CSV, PNGs; the CLI command
+  report.py     explain.json, attributions.csv and the PNGs
+  run.py        a work dir -> outputs; the CLI command
 """

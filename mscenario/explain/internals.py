@@ -24,7 +24,7 @@ def _names(path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
 
 
-def make_gate_fn(model, num_experts_hint=None):
+def make_gate_fn(model):
   """Jitted (params, model_state, batch) -> {gate name: softmax weights [B, S, E]} for every
   submodule named 'gates' ({} when the model has none)."""
   @jax.jit
