@@ -94,6 +94,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
                  ("reserve_fraction", 0.0)):  # off: caches stay valid
     if cfg.get(k, off) == off:
       cfg.pop(k, None)
+  if not cfg.get("collaborative", {}).get("enabled", False):  # off: caches stay valid
+    cfg.pop("collaborative", None)
   cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)
   cfg.get("table", {}).pop("test", None)
   h = hashlib.blake2b(digest_size=16)
@@ -275,6 +277,11 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
       raise DataError(f"split '{s}' is empty after preparation (split kind "
                       f"'{data_cfg.split.kind}', ratios {tuple(data_cfg.split.ratios)}, "
                       f"{int(keep.sum())} rows)")
+  extras = {}
+  cf_cfg = data_cfg.get("collaborative", None)
+  if cf_cfg is not None and cf_cfg.get("enabled", False):
+    extras = _add_collaborative(arrays, table, keep, transform, data_cfg, splits["train"],
+                                seed, log)
   merged = dict(table.skipped)
   for k, v in skipped.items():
     merged[k] = merged.get(k, 0) + v
@@ -285,7 +292,8 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
     is_cold = np.isin(as_str_column(table.columns[data_cfg.item_field])[keep], cold)
     meta["cold_items"] = np.unique(arrays["item"][is_cold]).astype(int).tolist()
   texts = _item_texts(table, keep, arrays["item"], data_cfg)
-  _write(path, arrays, splits, transform, meta, texts)
+  meta.update(extras.pop("meta", {}))
+  _write(path, arrays, splits, transform, meta, texts, extras=extras)
   log(f"data: prepared {meta['num_rows']:,} rows in {time.time() - t0:.1f}s -> {path}")
   if skipped:
     log(f"data: skipped rows (data.on_error='skip'): {skipped}")
@@ -318,6 +326,30 @@ def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
   transform.state["schema"]["history_item_index"] = index
 
 
+def _add_collaborative(arrays, table, keep, transform, data_cfg, train_rows, seed,
+                       log) -> dict:
+  """Append the data.collaborative features (data/collaborative.py) to arrays['dense'];
+  returns the files to cache with them (the all-training-rows CF model) and their meta."""
+  from mscenario.data import collaborative
+  t0 = time.time()
+  cfg = data_cfg.collaborative
+  values = arrays["label"]  # the raw label field (e.g. 1-5 stars) when numeric: richer
+  raw = table.columns.get(data_cfg.label.field)
+  if raw is not None and np.asarray(raw).dtype.kind in "fiu":
+    values = np.nan_to_num(np.asarray(raw, np.float64)[keep])
+  schema = transform.schema
+  feats, full = collaborative.compute(arrays["user"], arrays["item"], values, train_rows,
+                                      max(schema.user_vocab_size, 1),
+                                      max(schema.item_vocab_size, 1), cfg, seed, log=log)
+  block = collaborative.register(transform, feats, train_rows, cfg)
+  arrays["dense"] = np.concatenate([arrays["dense"], block], axis=1)
+  seconds = time.time() - t0
+  log(f"data: collaborative features {list(collaborative.FEATURES)} in {seconds:.1f}s")
+  return {collaborative.STATE_FILE: full.to_bytes(),
+          "meta": {"collaborative": {"features": list(collaborative.FEATURES),
+                                     "folds": int(cfg.folds), "seconds": round(seconds, 1)}}}
+
+
 def _summary(arrays, splits, transform, skipped, fp, data_cfg, table) -> dict:
   names = transform.schema.scenario_names
   per = {}
@@ -346,9 +378,12 @@ def _item_texts(table, keep, item_ids, data_cfg) -> dict[str, dict[str, str]]:
   return out
 
 
-def _write(path, arrays, splits, transform, meta, texts) -> None:
+def _write(path, arrays, splits, transform, meta, texts, extras=None) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+  for name, blob in (extras or {}).items():  # e.g. the collaborative model
+    with open(os.path.join(tmp, name), "wb") as f:
+      f.write(blob)
   for k, v in arrays.items():
     np.save(os.path.join(tmp, f"{k}.npy"), np.ascontiguousarray(v))
   for k, v in splits.items():

@@ -1,0 +1,303 @@
+"""Collaborative-filtering features from the training split's feedback (data.collaborative).
+
+Why: the neural models see ids and a binary label; classic CF on the raw feedback (biases on
+the 1-5 stars, neighbourhood scores on the residuals, a low-rank factorisation) carries signal
+they leave on the table (issue 14). Computed once in data preparation and appended to the
+prepared `dense` array as the columns named in FEATURES, so every model gets them unchanged.
+
+Leakage: a training row's features come from a CF model fitted on the *other* K-1 folds of the
+training rows (out of fold), so its own feedback never reaches them; validation and test rows
+use the CF model fitted on all training rows. Validation/test feedback is never read. The
+training counts (cf_user_count, cf_item_count) count rows, not feedback, so they use all
+training rows everywhere (the same distribution in every split).
+
+Scale: scipy.sparse matrices throughout; similarities are computed in row chunks and cut to
+the top-K neighbours per chunk; scoring gathers from (chunk x items) blocks, so nothing of
+size users x items is ever dense.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import svds
+
+from mscenario.errors import ConfigError
+
+# The appended dense columns, in order (raw values; the prepared array holds them standardised
+# with the training rows' mean and std, stored in the transform state like any dense feature).
+FEATURES = (
+    "cf_baseline",          # mu + b_u + b_i: regularised baseline predictor of the feedback
+    "cf_user_bias",         # b_u (shrunk by shrink_user_bias)
+    "cf_item_bias",         # b_i (shrunk by shrink_item_bias)
+    "cf_item_knn",          # sum_j s_ij z_uj / (sum_j |s_ij| + 1), j in i's top-K items u rated
+    "cf_item_knn_support",  # log1p(number of i's top-K neighbour items the user rated)
+    "cf_user_knn",          # sum_v s_uv z_vi / (sum_v |s_uv| + 1), v in u's top-K users who rated i
+    "cf_user_knn_support",  # log1p(number of u's top-K neighbour users who rated the item)
+    "cf_svd",               # rank-k truncated SVD of the residual matrix, reconstructed at (u, i)
+    "cf_user_count",        # log1p(training rows of the user)
+    "cf_item_count",        # log1p(training rows of the item)
+)
+STATE_FILE = "collaborative.npz"  # the all-training-rows CF model, in the prepared data dir
+_BLOCK_FLOATS = 1 << 25  # largest dense (chunk x n) block: 256 MiB of float64
+
+
+@dataclasses.dataclass
+class CFModel:
+  """CF model fitted on one set of training interactions (ids index the rows/columns)."""
+  mu: float
+  user_bias: np.ndarray        # [n_users]
+  item_bias: np.ndarray        # [n_items]
+  residual: sp.csr_matrix      # [n_users, n_items] z = r - baseline (mean over duplicates)
+  rated: sp.csr_matrix         # [n_users, n_items] 1 where the pair has feedback
+  item_neighbors: sp.csr_matrix  # [n_items, n_items] row i: i's top-K shrunk cosine sims
+  user_neighbors: sp.csr_matrix  # [n_users, n_users]
+  user_factors: np.ndarray     # [n_users, k] U * sigma
+  item_factors: np.ndarray     # [n_items, k] V
+  user_count: np.ndarray       # [n_users] training rows (all training rows)
+  item_count: np.ndarray       # [n_items]
+
+  def to_bytes(self) -> bytes:
+    out = {"mu": np.float64(self.mu)}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if sp.issparse(v):
+        for part in ("data", "indices", "indptr"):
+          out[f"{f.name}.{part}"] = getattr(v, part)
+        out[f"{f.name}.shape"] = np.asarray(v.shape)
+      elif f.name != "mu":
+        out[f.name] = v
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    return buf.getvalue()
+
+  @classmethod
+  def load(cls, path_or_bytes) -> "CFModel":
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    z = np.load(src)
+    kw = {}
+    for f in dataclasses.fields(cls):
+      if f"{f.name}.data" in z:
+        kw[f.name] = sp.csr_matrix((z[f"{f.name}.data"], z[f"{f.name}.indices"],
+                                    z[f"{f.name}.indptr"]), shape=tuple(z[f"{f.name}.shape"]))
+      else:
+        kw[f.name] = z[f.name]
+    kw["mu"] = float(kw["mu"])
+    return cls(**kw)
+
+
+# ---------------------------------------------------------------------------- fitting
+def _pair_matrix(users, items, values, shape) -> sp.csr_matrix:
+  """Mean value per (user, item) pair as CSR; every pair with feedback is stored (even 0)."""
+  key = users.astype(np.int64) * shape[1] + items.astype(np.int64)
+  uniq, inv = np.unique(key, return_inverse=True)
+  mean = np.bincount(inv, values, len(uniq)) / np.bincount(inv, minlength=len(uniq))
+  rows, cols = uniq // shape[1], uniq % shape[1]
+  indptr = np.zeros(shape[0] + 1, np.int64)
+  np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+  return sp.csr_matrix((mean, cols.astype(np.int32), indptr), shape=shape)
+
+
+def _top_k_cosine(x: sp.csr_matrix, k: int, shrink: float, chunk: int) -> sp.csr_matrix:
+  """Row-row cosine of x, times n_common / (n_common + shrink), top-k positive per row."""
+  n = x.shape[0]
+  ones = x.copy()
+  ones.data = np.ones_like(ones.data)
+  xt, ot = x.T.tocsr(), ones.T.tocsr()
+  norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+  inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+  k = min(k, n - 1)
+  chunk = max(1, min(chunk, _BLOCK_FLOATS // max(n, 1)))
+  indptr, indices, data = [0], [], []
+  for a in range(0, n, chunk):
+    b = min(a + chunk, n)
+    dots = (x[a:b] @ xt).toarray()
+    common = (ones[a:b] @ ot).toarray()
+    sim = dots * inv[a:b, None] * inv[None, :] * (common / (common + shrink))
+    sim[np.arange(b - a), np.arange(a, b)] = 0.0  # never its own neighbour
+    if k <= 0:
+      top = np.zeros((b - a, 0), np.int64)
+    else:
+      top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(sim, top, axis=1)
+    for r in range(b - a):
+      keep = vals[r] > 0
+      order = np.argsort(top[r][keep])
+      indices.append(top[r][keep][order])
+      data.append(vals[r][keep][order])
+      indptr.append(indptr[-1] + int(keep.sum()))
+  cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa
+  return sp.csr_matrix((cat(data, np.float64), cat(indices, np.int32), np.asarray(indptr)),
+                       shape=(n, n))
+
+
+def fit(users, items, values, n_users: int, n_items: int, cfg, user_count=None,
+        item_count=None, seed: int = 0) -> CFModel:
+  """Fit biases, residual neighbourhoods and the residual SVD on these interactions only."""
+  users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+  r = np.asarray(values, np.float64)
+  mu = float(r.mean()) if len(r) else 0.0
+  n_u = np.bincount(users, minlength=n_users).astype(np.float64)
+  n_i = np.bincount(items, minlength=n_items).astype(np.float64)
+  bu, bi = np.zeros(n_users), np.zeros(n_items)
+  for _ in range(max(int(cfg.bias_passes), 1)):  # alternating shrunk means (Koren 2010)
+    bi = np.bincount(items, r - mu - bu[users], n_items) / (cfg.shrink_item_bias + n_i)
+    bu = np.bincount(users, r - mu - bi[items], n_users) / (cfg.shrink_user_bias + n_u)
+  z = _pair_matrix(users, items, r - mu - bu[users] - bi[items], (n_users, n_items))
+  rated = z.copy()
+  rated.data = np.ones_like(rated.data)
+  k, chunk, shrink = int(cfg.neighbors), int(cfg.chunk_rows), float(cfg.shrink_similarity)
+  item_nb = _top_k_cosine(z.T.tocsr(), k, shrink, chunk)
+  user_nb = _top_k_cosine(z, k, shrink, chunk)
+  rank = min(int(cfg.svd_rank), min(n_users, n_items) - 1)
+  if rank > 0 and z.nnz:
+    v0 = np.random.default_rng(seed).standard_normal(min(n_users, n_items))
+    u, s, vt = svds(z, k=rank, v0=v0)
+    uf, vf = u * s, vt.T
+  else:
+    uf, vf = np.zeros((n_users, 0)), np.zeros((n_items, 0))
+  if user_count is None:
+    user_count = n_u
+  if item_count is None:
+    item_count = n_i
+  return CFModel(mu, bu, bi, z, rated, item_nb, user_nb, np.ascontiguousarray(uf),
+                 np.ascontiguousarray(vf), np.asarray(user_count, np.float64),
+                 np.asarray(item_count, np.float64))
+
+
+# ---------------------------------------------------------------------------- scoring
+def score(m: CFModel, users, items, chunk: int = 1024) -> np.ndarray:
+  """Raw FEATURES [n, len(FEATURES)] float64 for (user, item) id pairs under model m.
+
+  Ids outside the fitted range (or with no training rows) fall back to zero biases,
+  neighbourhood and factor scores: the baseline is then mu.
+  """
+  users = np.asarray(users, np.int64)
+  items = np.asarray(items, np.int64)
+  n_users, n_items = m.residual.shape
+  known = (users >= 0) & (users < n_users) & (items >= 0) & (items < n_items)
+  u = np.where(known, users, 0)
+  i = np.where(known, items, 0)
+  kn = known.astype(np.float64)
+  bu, bi = m.user_bias[u] * kn, m.item_bias[i] * kn
+  out = np.zeros((len(users), len(FEATURES)))
+  out[:, 0] = m.mu + bu + bi
+  out[:, 1], out[:, 2] = bu, bi
+  out[:, 7] = np.einsum("nk,nk->n", m.user_factors[u], m.item_factors[i]) * kn
+  ucount = np.where((users >= 0) & (users < len(m.user_count)), users, 0)
+  icount = np.where((items >= 0) & (items < len(m.item_count)), items, 0)
+  out[:, 8] = np.log1p(m.user_count[ucount] * ((users >= 0) & (users < len(m.user_count))))
+  out[:, 9] = np.log1p(m.item_count[icount] * ((items >= 0) & (items < len(m.item_count))))
+  s_item, s_user = m.item_neighbors, m.user_neighbors
+  s_item_t = s_item.T.tocsr()
+  ones_item_t = s_item_t.copy()
+  ones_item_t.data = np.ones_like(ones_item_t.data)
+  ones_user = s_user.copy()
+  ones_user.data = np.ones_like(ones_user.data)
+  q = np.flatnonzero(known)
+  q = q[np.argsort(u[q], kind="stable")]
+  chunk = max(1, min(chunk, _BLOCK_FLOATS // max(n_items, 1)))
+  bounds = np.searchsorted(u[q], np.arange(0, n_users + chunk, chunk))
+  for c in range(len(bounds) - 1):
+    rows = q[bounds[c]:bounds[c + 1]]
+    if not len(rows):
+      continue
+    a = c * chunk
+    b = min(a + chunk, n_users)
+    lu, li = u[rows] - a, i[rows]
+    # item-KNN: (Z S^T)[u, i] over i's neighbours j the user rated.
+    num = np.asarray((m.residual[a:b] @ s_item_t)[lu, li]).ravel()
+    den = np.asarray((m.rated[a:b] @ s_item_t)[lu, li]).ravel()
+    sup = np.asarray((m.rated[a:b] @ ones_item_t)[lu, li]).ravel()
+    out[rows, 3], out[rows, 4] = num / (den + 1.0), np.log1p(sup)
+    # user-KNN: (S_u Z)[u, i] over u's neighbours v who rated i.
+    num = np.asarray((s_user[a:b] @ m.residual)[lu, li]).ravel()
+    den = np.asarray((s_user[a:b] @ m.rated)[lu, li]).ravel()
+    sup = np.asarray((ones_user[a:b] @ m.rated)[lu, li]).ravel()
+    out[rows, 5], out[rows, 6] = num / (den + 1.0), np.log1p(sup)
+  return out
+
+
+# ---------------------------------------------------------------------------- out of fold
+def fold_of(num_train: int, folds: int, seed: int) -> np.ndarray:
+  """Balanced random fold per training row (seeded; independent of the split's stream)."""
+  perm = np.random.default_rng([int(seed), 0xCF]).permutation(num_train)
+  out = np.empty(num_train, np.int64)
+  out[perm] = np.arange(num_train) % folds
+  return out
+
+
+def compute(users, items, values, train_rows, n_users: int, n_items: int, cfg,
+            seed: int, log=print) -> tuple[np.ndarray, CFModel]:
+  """Raw FEATURES for every row: out of fold for `train_rows`, all-training for the rest.
+
+  values: the feedback of every row (only training rows' entries are ever read).
+  Returns (features [N, F] float64, the CF model fitted on all training rows).
+  """
+  folds = int(cfg.folds)
+  if folds < 2:
+    raise ConfigError(f"data.collaborative.folds={folds}: expected >= 2 (out-of-fold "
+                      "features for training rows need at least two folds)")
+  users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
+  values = np.asarray(values, np.float64)
+  train_rows = np.asarray(train_rows, np.int64)
+  n = len(users)
+  uc = np.bincount(users[train_rows], minlength=n_users).astype(np.float64)
+  ic = np.bincount(items[train_rows], minlength=n_items).astype(np.float64)
+  out = np.zeros((n, len(FEATURES)))
+  fold = fold_of(len(train_rows), folds, seed)
+  for f in range(folds):
+    fit_rows, held = train_rows[fold != f], train_rows[fold == f]
+    m = fit(users[fit_rows], items[fit_rows], values[fit_rows], n_users, n_items, cfg,
+            uc, ic, seed)
+    out[held] = score(m, users[held], items[held], int(cfg.chunk_rows))
+    log(f"data: collaborative fold {f + 1}/{folds}: {len(held):,} training rows scored")
+  full = fit(users[train_rows], items[train_rows], values[train_rows], n_users, n_items, cfg,
+             uc, ic, seed)
+  rest = np.setdiff1d(np.arange(n), train_rows)
+  out[rest] = score(full, users[rest], items[rest], int(cfg.chunk_rows))
+  return out, full
+
+
+def register(transform, features: np.ndarray, train_rows: np.ndarray, cfg) -> np.ndarray:
+  """Add FEATURES to the transform as dense columns standardised on the training rows.
+
+  Returns the standardised float32 block to append to the prepared `dense` array. At
+  predict time `Transform.apply` then expects raw columns named as FEATURES in the input
+  (see `columns_for`) and raises a DataError naming the first one missing: a model trained
+  with them is never silently fed zeros.
+  """
+  state = transform.state
+  clash = [name for name in FEATURES if name in state["dense"]]
+  if clash:
+    raise ConfigError(f"data.collaborative adds dense columns {list(FEATURES)}; the data "
+                      f"config already has features named {clash}")
+  train = features[train_rows]
+  shift = train.mean(axis=0)
+  scale = train.std(axis=0)
+  scale = np.where(scale > 0, scale, 1.0)
+  for j, name in enumerate(FEATURES):
+    state["dense"][name] = {"column": name, "shift": float(shift[j]),
+                            "scale": float(scale[j]), "default": 0.0, "indicator": False}
+  state["schema"]["dense"] = [*state["schema"]["dense"], *FEATURES]
+  state["collaborative"] = {"features": list(FEATURES), "file": STATE_FILE,
+                            "config": dict(cfg.to_dict()) if hasattr(cfg, "to_dict")
+                            else dict(cfg)}
+  return ((features - shift) / scale).astype(np.float32)
+
+
+def columns_for(model: CFModel, transform, users, items) -> dict[str, np.ndarray]:
+  """Raw CF columns for raw user / item ids (e.g. rows to `predict`), from the stored
+  all-training-rows model: add them to the input table. Unknown users or items fall back to
+  the item-only or user-only signals (and to mu when both are new)."""
+  from mscenario.data.transform import _vocab_ids, as_str_column
+
+  def ids(vocab, values):
+    uniq, inv = np.unique(as_str_column(np.asarray(values)), return_inverse=True)
+    return _vocab_ids(vocab, uniq)[inv] if len(uniq) else np.zeros(0, np.int64)
+
+  s = transform.state
+  feats = score(model, ids(s["user_vocab"], users), ids(s["item_vocab"], items))
+  return {name: feats[:, j] for j, name in enumerate(FEATURES)}
