@@ -90,6 +90,22 @@ def base_config() -> ConfigDict:
   # Cold-start / transfer protocols (applied after the split, seeded by the split seed):
   c.data.cold_items = 0.0          # fraction of items held out entirely: all their rows -> test
   c.data.holdout_scenario = ""     # scenario name whose rows all go to test (unseen scenario)
+  # Collaborative-filtering features (data/collaborative.py): from the training split's
+  # feedback (the raw label field, e.g. 1-5 stars, when numeric; else the 0/1 label) fit a
+  # baseline mu + b_u + b_i, item- and user-KNN scores on its residuals, a residual SVD and
+  # training counts, appended to every model's dense input as the cf_* columns. Training rows
+  # get out-of-fold values (`folds` folds, so a row never sees its own feedback); validation /
+  # test rows use all training rows. Off by default: prepared caches stay as they were.
+  c.data.collaborative = ConfigDict()
+  c.data.collaborative.enabled = False
+  c.data.collaborative.folds = 5             # K of the out-of-fold computation (>= 2)
+  c.data.collaborative.neighbors = 50        # top-K neighbours per item and per user
+  c.data.collaborative.shrink_similarity = 100.0  # cosine x n_common / (n_common + this)
+  c.data.collaborative.shrink_item_bias = 25.0    # b_i = sum(r - mu - b_u) / (this + n_i)
+  c.data.collaborative.shrink_user_bias = 10.0    # b_u = sum(r - mu - b_i) / (this + n_u)
+  c.data.collaborative.bias_passes = 3       # alternating b_i / b_u passes
+  c.data.collaborative.svd_rank = 64         # rank of the truncated SVD of the residuals
+  c.data.collaborative.chunk_rows = 1024     # rows per dense similarity / scoring block
   # Synthetic generator (data.source='synthetic').
   c.data.synthetic = ConfigDict()
   c.data.synthetic.num_rows = 200_000
