@@ -236,14 +236,52 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
     raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  config = module.get_config()
+  try:  # the user's code, like the module body above: its failure is theirs to fix
+    config = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"config file {path}: get_config() failed: {type(e).__name__}: "
+                      f"{e}") from e
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"config file {path}: get_config() returned "
+                      f"{type(config).__name__}, expected an ml_collections ConfigDict")
   apply_overrides(config, overrides)
   return config
 
 
+def _literal(text: str, key: str):
+  """`ast.literal_eval`, whose failures (SyntaxError, ValueError, TypeError for `{[]: 1}`,
+  RecursionError / MemoryError for deep nesting) all mean: not a Python literal."""
+  try:
+    return ast.literal_eval(text)
+  except Exception:  # noqa: BLE001
+    raise ConfigError(f"--config.{key}={text}: not a Python literal") from None
+
+
+def _same_kind(value, current, key: str, text: str):
+  """`value` checked against (and, int -> float, coerced to) the type of `current`."""
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, (tuple, list)):
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool) and not (
+        isinstance(value, str) and not all(isinstance(c, str) for c in current)):
+      value = (value,)
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f"--config.{key}={text}: expected a sequence like {tuple(current)!r}")
+    kinds = {type(c) for c in current}
+    if len(kinds) == 1 and next(iter(kinds)) in (bool, int, float):  # numbers stay numbers
+      value = [_same_kind(v, current[0], key, text) for v in value]
+    # config.json stores tuples as lists: either spelling is the same setting.
+    return type(current)(value)
+  if isinstance(current, bool) != isinstance(value, bool) or not isinstance(
+      value, type(current)):
+    raise ConfigError(
+        f"--config.{key}={text}: expected {type(current).__name__} like {current!r}")
+  return value
+
+
 def _parse_value(text: str, current: Any, key: str) -> Any:
   if isinstance(current, bool):
-    low = text.lower()
+    low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
       return True
     if low in ("0", "false", "no", "off"):
@@ -251,47 +289,60 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     raise ConfigError(f"--config.{key}={text}: expected true or false")
   if isinstance(current, str):
     return text
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except Exception:  # noqa: BLE001 -- not a literal: the text itself
+      return text
+  if isinstance(current, (ConfigDict, dict)):
+    value = _literal(text, key)
+    if not isinstance(value, dict):
+      raise ConfigError(f"--config.{key}={text}: '{key}' is a section; expected a dict or "
+                        f"an override of one of its keys ({sorted(current.keys())})")
+    return value
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if current is None:
-      return text
+  except Exception:  # noqa: BLE001 -- see _literal
     raise ConfigError(f"--config.{key}={text}: expected a value like {current!r}") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
-  if isinstance(current, (tuple, list)) and isinstance(value, (int, float)):
-    value = (value,)
-  if current is not None and not isinstance(value, type(current)) and not isinstance(
-      current, (ConfigDict, dict)):
-    raise ConfigError(
-        f"--config.{key}={text}: expected {type(current).__name__} like {current!r}")
-  return value
+  return _same_kind(value, current, key, text)
 
 
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+  """Apply `--config.a.b=value` overrides; any bad one is a ConfigError naming it."""
   for item in overrides:
+    if not isinstance(item, str):
+      raise ConfigError(f"override {item!r}: expected a string --config.key=value")
     text = item[len("--config."):] if item.startswith("--config.") else item
     if "=" not in text:
       raise ConfigError(f"override {item!r}: expected --config.key=value")
     key, raw = text.split("=", 1)
     parts = key.split(".")
     node = config
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
+      if not isinstance(node, ConfigDict):
+        raise ConfigError(f"--config.{key}: '{'.'.join(parts[:i])}' is a value, not a section")
       if p not in node:
         raise ConfigError(f"--config.{key}: unknown key '{p}'")
       node = node[p]
+    if not isinstance(node, ConfigDict):
+      raise ConfigError(f"--config.{key}: '{'.'.join(parts[:-1])}' is a value, not a section")
     leaf = parts[-1]
     if leaf not in node:
       # Mapping-like sections (feature specs, scenario groups, column maps) accept new keys.
-      if isinstance(node, ConfigDict) and parts[-2:-1] and parts[-2] in (
-          "columns", "groups", "descriptions"):
+      if parts[-2:-1] and parts[-2] in ("columns", "groups", "descriptions") and leaf:
+        if not raw.strip():
+          raise ConfigError(f"--config.{key}=: empty value (expected e.g. "
+                            f"--config.{key}=column_name)")
+        value = _literal(raw, key) if raw[:1] in ("[", "(") else raw
         with node.unlocked():
-          node[leaf] = ast.literal_eval(raw) if raw[:1] in "[(" else raw
+          node[leaf] = value
         continue
       raise ConfigError(f"--config.{key}: unknown key '{leaf}' (known: {sorted(node.keys())})")
-    node[leaf] = _parse_value(raw, node[leaf], key)
+    value = _parse_value(raw, node[leaf], key)
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+      raise ConfigError(f"--config.{key}={raw}: {e}") from None
   return config
 
 

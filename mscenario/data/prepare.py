@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from mscenario.data.sources import resolve_root
 from mscenario.data.table import RawTable
 from mscenario.data.transform import Transform, as_str_column
 from mscenario.errors import ConfigError, DataError
@@ -53,11 +54,13 @@ class PreparedData:
 
 # ---------------------------------------------------------------------------- fingerprint
 def source_files(data_cfg) -> list[str]:
-  """Files a source reads, for the fingerprint (the synthetic source has none)."""
+  """Files a source reads, resolved exactly as the reader resolves them (the synthetic
+  source has none)."""
   if data_cfg.source == "synthetic":
     return []
   if data_cfg.source == "table":
-    return [p for p in (data_cfg.table.train, data_cfg.table.valid, data_cfg.table.test) if p]
+    from mscenario.data.sources.tabular import table_paths
+    return [p for _, p in table_paths(data_cfg)]
   root = resolve_root(data_cfg)
   if not os.path.isdir(root):
     raise DataError(f"data directory {root} does not exist. Get the data with "
@@ -67,16 +70,15 @@ def source_files(data_cfg) -> list[str]:
                 if os.path.isfile(os.path.join(root, f)) and not f.startswith("."))
 
 
-def resolve_root(data_cfg) -> str:
-  from mscenario.config import default_data_dir
-  return data_cfg.root or os.path.join(default_data_dir(), data_cfg.name)
-
-
 def _file_digest(path: str) -> str:
   h = hashlib.blake2b(digest_size=16)
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 23), b""):
-      h.update(block)
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 23), b""):
+        h.update(block)
+  except OSError as e:
+    raise DataError(f"cannot read: {e.strerror}", file=path,
+                    expected="an existing, readable data file") from None
   return h.hexdigest()
 
 
@@ -195,7 +197,10 @@ def _time_column(table: RawTable, data_cfg) -> np.ndarray:
   if field not in table.columns:
     raise DataError(f"split kind '{data_cfg.split.kind}' needs the time field '{field}', "
                     "which the data does not have", file=table.files[0], field=field)
-  t = np.asarray(table.columns[field], np.float64)
+  from mscenario.data.transform import as_float_column
+  # Text times (ISO dates) are an error naming the line, not a numpy ValueError traceback.
+  t, _ = as_float_column(table, field, "raise",
+                         expected="a number (e.g. Unix seconds; convert dates first)")
   if np.isnan(t).any():
     i = int(np.flatnonzero(np.isnan(t))[0])
     f, line = table.where(i)
@@ -249,7 +254,7 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   cache_root = data_cfg.cache_dir or default_cache_dir()
   path = os.path.join(cache_root, "prepared", f"{data_cfg.name}-{fp}")
   if os.path.isfile(os.path.join(path, "meta.json")) and not force:
-    data = load_prepared(path)
+    data = _load_published(path)
     log(f"data: reusing prepared {data_cfg.name} at {path} "
         f"({data.meta['num_rows']:,} rows)")
     return data
@@ -293,11 +298,23 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
     meta["cold_items"] = np.unique(arrays["item"][is_cold]).astype(int).tolist()
   texts = _item_texts(table, keep, arrays["item"], data_cfg)
   meta.update(extras.pop("meta", {}))
-  _write(path, arrays, splits, transform, meta, texts, extras=extras)
-  log(f"data: prepared {meta['num_rows']:,} rows in {time.time() - t0:.1f}s -> {path}")
+  won = _write(path, arrays, splits, transform, meta, texts, extras=extras, replace=force)
+  log(f"data: prepared {meta['num_rows']:,} rows in {time.time() - t0:.1f}s -> {path}"
+      + ("" if won else " (another process finished the same data first; using its copy)"))
   if skipped:
     log(f"data: skipped rows (data.on_error='skip'): {skipped}")
-  return load_prepared(path)
+  return _load_published(path)
+
+
+def _load_published(path: str, tries: int = 20) -> PreparedData:
+  """load_prepared, waiting out the instant in which a forced rebuild swaps the copy."""
+  for i in range(tries):
+    try:
+      return load_prepared(path)
+    except FileNotFoundError:
+      if i == tries - 1:
+        raise
+      time.sleep(0.05)
 
 
 def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
@@ -378,7 +395,7 @@ def _item_texts(table, keep, item_ids, data_cfg) -> dict[str, dict[str, str]]:
   return out
 
 
-def _write(path, arrays, splits, transform, meta, texts, extras=None) -> None:
+def _write(path, arrays, splits, transform, meta, texts, replace=False, extras=None) -> bool:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
   for name, blob in (extras or {}).items():  # e.g. the collaborative model
@@ -394,12 +411,33 @@ def _write(path, arrays, splits, transform, meta, texts, extras=None) -> None:
     json.dump(texts, f)
   with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks completeness
     json.dump(meta, f, indent=2)
-  if os.path.exists(path):
-    shutil.rmtree(path)
+  return _publish(tmp, path, replace=replace)
+
+
+def _publish(tmp: str, path: str, *, replace: bool) -> bool:
+  """Move the finished `tmp` dir to `path` atomically; True if ours is the copy now there.
+
+  Never deletes a complete copy another process may be reading: when one is already there
+  (another process preparing the same data won the race) ours is discarded and theirs
+  reused, both being built from the same fingerprint. `replace` (prepare(force=True)) swaps
+  an existing copy out with two renames, so readers see either the old or the new copy.
+  """
+  aside = None
+  if os.path.isdir(path) and (replace or not os.path.isfile(os.path.join(path, "meta.json"))):
+    aside = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+    try:
+      os.rename(path, os.path.join(aside, "x"))  # incomplete (or forced out): move aside
+    except OSError:
+      pass  # another process moved it first
   try:
-    os.rename(tmp, path)
-  except OSError:  # another process won the race; theirs is identical
+    os.rename(tmp, path)  # fails when `path` exists (non-empty): someone else's copy
+    won = True
+  except OSError:
     shutil.rmtree(tmp, ignore_errors=True)
+    won = False
+  if aside is not None:
+    shutil.rmtree(aside, ignore_errors=True)
+  return won
 
 
 def load_prepared(path: str) -> PreparedData:

@@ -49,24 +49,38 @@ def as_str_column(col: np.ndarray) -> np.ndarray:
       [], dtype=str)
 
 
-def as_float_column(table: RawTable, name: str, on_error: str) -> tuple[np.ndarray, np.ndarray]:
-  """Numeric values (NaN = missing) plus a mask of rows with unparsable values."""
+def as_float_column(table: RawTable, name: str, on_error: str,
+                    expected: str = "a number") -> tuple[np.ndarray, np.ndarray]:
+  """Numeric values (NaN = missing) plus a mask of rows with unparsable values.
+
+  Text is read with the sources' strict grammar (sources/_io.parse_number): Python's float()
+  would also take '1_000' or full-width digits, silently changing what the file says.
+  """
+  from mscenario.data.sources._io import NUMERIC_MISSING, parse_number
   col = table.columns[name]
-  if col.dtype.kind in "fiu":
+  if col.dtype.kind in "fiub":
     return col.astype(np.float64), np.zeros(len(col), bool)
   out = np.full(len(col), np.nan)
   bad = np.zeros(len(col), bool)
+  missing = set(NUMERIC_MISSING)
   for i, v in enumerate(col.tolist()):
-    if v is None or v == "":
+    if v is None:
       continue
-    try:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
       out[i] = float(v)
-    except (TypeError, ValueError):
+      continue
+    text = v.strip() if isinstance(v, str) else None
+    if text in missing:
+      continue
+    number = parse_number(text)
+    if number is None:
       if on_error != "skip":
         f, line = table.where(i)
         raise DataError(f"value {v!r} is not a number", file=f, line=line, field=name,
-                        expected="a number") from None
+                        expected=expected) from None
       bad[i] = True
+    else:
+      out[i] = number
   return out, bad
 
 

@@ -66,7 +66,9 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
   transform = workdir_lib.WorkDir(workdir).read_transform()
   cfg = config.copy_and_resolve_references()
   cfg.data.source = "table"
-  cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = input_path, "", ""
+  # --input is relative to the current directory, never to the run's data.root.
+  cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = (
+      os.path.abspath(os.path.expanduser(input_path)), "", "")
   table = load_source(cfg.data)
   arrays, keep, skipped = transform.apply(table, on_error=cfg.data.on_error,
                                           require_label=False)

@@ -4,11 +4,15 @@ New values of vocabulary features take rows reserved at fit time (`data.reserve_
 so the embedding table, and with it every checkpoint, keeps its shape: the latest state
 (optimizer moments and step included) restores unchanged and the same jitted step trains on.
 The grown vocabularies go to the work dir's transform.json only after the new checkpoint is
-on disk, so a crash in between leaves the previous, consistent pair. With `--out` the result
-is exported as a new model version, which a running server picks up (hot swap).
+on disk. An update is keyed by a fingerprint of its events (and epochs/holdout), recorded in
+the checkpoint and in transform.json: a rerun after a crash between the two finishes the
+update without training again (the growth is deterministic), and a rerun of a finished update
+is a no-op. With `--out` the result is exported as a new model version, which a running
+server picks up (hot swap).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -39,12 +43,29 @@ def load_workdir(workdir: str, overrides=()):
 def read_events(config, path: str):
   """NEW_EVENTS as a RawTable: CSV/Parquet with the canonical columns (as predict reads)."""
   from mscenario.data.sources import load_source
+  # --data is relative to the current directory, never to the run's data.root.
+  path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise MscenarioError(f"{path}: no such file")
   cfg = config.copy_and_resolve_references()
   cfg.data.source = "table"
   cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = path, "", ""
   return load_source(cfg.data)
+
+
+def events_fingerprint(table, epochs: int, holdout: float) -> str:
+  """Of the new events' content and how they are trained on (not of where they came from)."""
+  h = hashlib.blake2b(digest_size=16)
+  h.update(f"epochs={epochs};holdout={holdout};rows={table.num_rows}".encode())
+  for name in sorted(table.columns):
+    col = np.asarray(table.columns[name])
+    h.update(name.encode())
+    if col.dtype == object:
+      h.update("\x1f".join("\x1e" if v is None else str(v) for v in col.tolist()).encode())
+    else:
+      h.update(str(col.dtype).encode())
+      h.update(np.ascontiguousarray(col).tobytes())
+  return h.hexdigest()
 
 
 def update_table(workdir: str, table, *, config=None, transform=None,
@@ -71,6 +92,12 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   if not 0.0 <= holdout < 1.0:
     raise ConfigError(f"--holdout={holdout}: expected a fraction in [0, 1)")
   t0 = time.time()
+  fingerprint = events_fingerprint(table, epochs, holdout)
+  done = [u for u in transform.state.get("updates", []) if u.get("fingerprint") == fingerprint]
+  if done:
+    log(f"update {done[0]['update']}: these events were already applied (steps "
+        f"{done[0]['step_from']} -> {done[0]['step_to']}); nothing to do")
+    return {**done[0], "already_applied": True}
   index = len(transform.state.get("updates", [])) + 1
   growth = transform.grow(table, index)
   arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
@@ -100,6 +127,12 @@ def update_table(workdir: str, table, *, config=None, transform=None,
     if restored is None:  # raced with a deletion since load_workdir
       raise MscenarioError(f"{workdir} holds no checkpoint")
     state, meta = restored
+    committed = [u for u in meta.get("updates", []) if u.get("fingerprint") == fingerprint]
+    if committed:  # trained and checkpointed, but transform.json was not written: finish
+      log(f"update {index}: the checkpoint already holds these events (a crash came before "
+          "the vocabularies were saved); completing without training again")
+      return _complete(wd, transform, {**committed[0]["record"], "completed_after_crash": True},
+                       out, buckets, keep, t0, log)
     step_from = int(state.step)
     before = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
     batch_size = loop._round_batch(tc.batch_size, mesh)
@@ -125,21 +158,31 @@ def update_table(workdir: str, table, *, config=None, transform=None,
     record = {"update": index, "source": source, "rows": n, "train_rows": n - n_hold,
               "holdout_rows": n_hold, "epochs": epochs, "step_from": step_from,
               "step_to": step_to, "loss": epoch_loss, "skipped": skipped,
-              "growth": growth, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "growth": growth, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "fingerprint": fingerprint}
     if n_hold:
       record["holdout_auc_before"] = before["auc"]
       record["holdout_auc_after"] = after["auc"]
     new_meta = {**meta, "updates": [*meta.get("updates", []),
-                                    {k: record[k] for k in ("update", "rows", "step_from",
-                                                            "step_to")}]}
+                                    {"fingerprint": fingerprint, "record": record,
+                                     **{k: record[k] for k in ("update", "rows", "step_from",
+                                                               "step_to")}}]}
     ckpts.save_latest(step_to, state, new_meta)
     ckpts.save_best(step_to, state, new_meta)
     ckpts.wait()
   finally:
     ckpts.close()
-  # The checkpoint is durable: now the vocabularies that its new rows belong to.
+  return _complete(wd, transform, record, out, buckets, keep, t0, log)
+
+
+def _complete(wd, transform, record: dict, out, buckets, keep: int, t0: float, log) -> dict:
+  """The checkpoint is durable: now the vocabularies its new rows belong to (transform.json,
+  replaced atomically, carrying the update's fingerprint), the log, and the export."""
+  import jax
+  from mscenario.train import workdir as workdir_lib
   transform.state.setdefault("updates", []).append(
-      {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time")})
+      {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time",
+                              "fingerprint")})
   if jax.process_index() == 0:
     workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), transform.state)
     workdir_lib.append_jsonl(wd.file(workdir_lib.UPDATES), record)
@@ -148,7 +191,7 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   if out:
     from mscenario.serve import DEFAULT_BUCKETS
     from mscenario.serve import export as export_lib
-    record["export"] = export_lib.export(workdir, out, buckets=buckets or DEFAULT_BUCKETS,
+    record["export"] = export_lib.export(wd.path, out, buckets=buckets or DEFAULT_BUCKETS,
                                          checkpoint="latest", keep=keep, log=log)
   return record
 

@@ -13,12 +13,26 @@ SOURCES = ("movielens", "recbole", "table", "synthetic")
 
 
 def resolve_root(data_cfg) -> str:
-  """`data.root`, or `<default_data_dir()>/<name>` when it is empty (where `data get` puts it)."""
+  """Absolute `data.root` (`~` expanded, relative to the current directory), or
+  `<default_data_dir()>/<name>` when it is empty (where `data get` puts it).
+
+  The one resolver: the readers and the cache fingerprint (prepare.source_files) must hash
+  exactly the files that are read.
+  """
   root = data_cfg.get("root", "") or ""
-  if root:
-    return os.path.expanduser(root)
-  from mscenario.config import default_data_dir
-  return os.path.join(default_data_dir(), data_cfg.name)
+  if not root:
+    from mscenario.config import default_data_dir
+    root = os.path.join(default_data_dir(), data_cfg.name)
+  return os.path.abspath(os.path.expanduser(root))
+
+
+def resolve_path(path: str, data_cfg) -> str:
+  """A table file path: absolute after `~` expansion, else under `data.root` when one is set,
+  else under the current directory."""
+  path = os.path.expanduser(path)
+  if not os.path.isabs(path) and (data_cfg.get("root", "") or ""):
+    path = os.path.join(resolve_root(data_cfg), path)
+  return os.path.abspath(path)
 
 
 def load_source(data_cfg) -> RawTable:

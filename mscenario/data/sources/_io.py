@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -95,8 +96,16 @@ def _nonblank_lines(raw: bytes) -> np.ndarray:
   return (np.flatnonzero(lengths > 0) + 1).astype(np.int64)
 
 
-def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",") -> tuple[bytes, str]:
-  """File content as UTF-8 bytes, with a multi-character delimiter replaced by one char."""
+def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",",
+               policy: "Policy | None" = None, *, header: bool = True,
+               quoting: bool = False, rename=None) -> tuple[bytes, str]:
+  """File content as UTF-8 bytes, with a multi-character delimiter replaced by one char.
+
+  Lines that cannot be parsed faithfully (invalid UTF-8, a lone carriage return, which the
+  parser would take for a line end, or the stand-in separator itself) are reported through
+  `policy` with their line and field; under 'skip' they are blanked, which keeps every other
+  line's number.
+  """
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -104,12 +113,84 @@ def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",") -> tupl
     raise DataError(f"cannot read: {e.strerror}", file=path) from None
   if raw.startswith(b"\xef\xbb\xbf"):
     raw = raw[3:]
-  if encoding.lower().replace("-", "") not in ("utf8", "ascii"):
-    raw = raw.decode(encoding).encode("utf-8")
+  if encoding.lower().replace("-", "").replace("_", "") not in ("utf8", "ascii"):
+    try:
+      raw = raw.decode(encoding).encode("utf-8")
+    except (UnicodeDecodeError, LookupError) as e:
+      raise DataError(f"cannot decode as {encoding}: {e}", file=path) from None
+  raw = _screen(raw, path, policy or Policy(), delimiter, header, quoting, rename)
   if len(delimiter) > 1:
     raw = raw.replace(delimiter.encode("utf-8"), _SEP.encode())
     delimiter = _SEP
   return raw, delimiter
+
+
+def _line_span(raw: bytes, pos: int) -> tuple[int, int, int]:
+  """(1-based line, start, end) of the line holding byte `pos` (end excludes the newline)."""
+  start = raw.rfind(b"\n", 0, pos) + 1
+  end = raw.find(b"\n", pos)
+  return raw.count(b"\n", 0, start) + 1, start, len(raw) if end < 0 else end
+
+
+def _field_at(raw: bytes, start: int, pos: int, delimiter: str, header: list[str]) -> str | None:
+  """Name (or 1-based number) of the field holding byte `pos` of the line starting at `start`."""
+  i = raw.count(delimiter.encode("utf-8"), start, pos)
+  return header[i] if i < len(header) else f"#{i + 1}"
+
+
+def _screen(raw: bytes, path: str, policy: "Policy", delimiter: str, header: bool,
+            quoting: bool, rename=None) -> bytes:
+  problems = {}  # line -> (start, end, pos, reason, expected)
+  try:  # invalid UTF-8: the parser would fail the whole file without saying where.
+    raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line, start, _ = _line_span(raw, e.start)
+    for k, text in enumerate(raw[start:].split(b"\n")):  # error path: line by line
+      try:
+        text.decode("utf-8")
+      except UnicodeDecodeError as err:
+        problems[line + k] = (start, start + len(text), start + err.start, "invalid UTF-8",
+                              "UTF-8 text")
+      start += len(text) + 1
+  if b"\r" in raw:  # a CR not followed by LF ends a row for the parser but not for editors
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    cr = np.flatnonzero(buf == 13)
+    lone = cr[(cr + 1 >= len(buf)) | (buf[np.minimum(cr + 1, len(buf) - 1)] != 10)]
+    lone = lone[lone + 1 < len(buf)]  # a CR at the very end ends the last line: harmless
+    for p in lone.tolist():
+      line, start, end = _line_span(raw, p)
+      problems.setdefault(line, (start, end, p, "carriage return inside a line",
+                                 "lines ending in \\n or \\r\\n"))
+  if len(delimiter) > 1 and _SEP.encode() in raw:
+    for m in re.finditer(re.escape(_SEP.encode()), raw):
+      line, start, end = _line_span(raw, m.start())
+      problems.setdefault(line, (start, end, m.start(), "control character \\x1f",
+                                 f"fields separated by {delimiter!r}"))
+  if not problems:
+    return raw
+  names = []
+  if header:
+    first = raw[: raw.find(b"\n") if b"\n" in raw else len(raw)]
+    names = [n.strip() for n in first.decode("utf-8", "replace").rstrip("\r").split(delimiter)]
+    names = [rename(n) for n in names] if rename else names
+  quotes = np.cumsum(np.frombuffer(raw, dtype=np.uint8) == 34) if quoting else None
+  keep, cut = [], 0
+  for line in sorted(problems):
+    start, end, pos, reason, expected = problems[line]
+    field = _field_at(raw, start, pos, delimiter, names) if names else None
+    # A line may be dropped only when it is a whole row: not the header, and (quoted CSV) not
+    # part of a quoted multi-line value.
+    whole = not (header and line == 1) and (
+        quotes is None or ((quotes[start - 1] if start else 0) % 2 == 0
+                           and quotes[end - 1] == (quotes[start - 1] if start else 0)))
+    if policy.on_error == "raise" or not whole:
+      raise DataError(reason, file=path, line=line, field=field, expected=expected)
+    policy.bad(f"{os.path.basename(path)}: {reason}", 1, message=reason, file=path, line=line,
+               field=field, expected=expected)
+    keep.append(raw[cut:start])
+    cut = end
+  keep.append(raw[cut:])
+  return b"".join(keep)
 
 
 def _header(raw: bytes, delimiter: str, quoting: bool, path: str) -> list[str]:
@@ -150,7 +231,8 @@ def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str
   `rename` maps header names to column names (e.g. drops RecBole's ':type'). Rows with the
   wrong number of fields are reported through `policy` with their line.
   """
-  raw, delim = read_bytes(path, encoding, delimiter)
+  raw, delim = read_bytes(path, encoding, delimiter, policy, header=names is None,
+                          quoting=quoting, rename=rename)
   header = names is None
   written = []
   if header:
@@ -160,25 +242,43 @@ def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str
     if dup:
       raise DataError(f"duplicate column name '{dup[0]}'", file=path, line=1, field=dup[0])
   table, invalid = _parse(raw, names, int(header), delim, quoting, threads=True)
-  nonblank = _nonblank_lines(raw)
+  records = _nonblank_lines(raw)
   if invalid:  # Multi-threaded parsing does not number rows; redo this file in one thread.
     table, invalid = _parse(raw, names, int(header), delim, quoting, threads=False)
+  if len(records) != table.num_rows + len(invalid) + int(header):
+    records = _record_lines(raw, delim, len(records))  # quoted newlines: rows are not lines
+  if invalid:
     bad = np.array([r.number for r in invalid], dtype=np.int64)
     first = invalid[0]
-    line = int(nonblank[first.number - 1])
+    line = int(records[first.number - 1])
     missing = names[first.actual_columns] if first.actual_columns < len(names) else None
     policy.bad(f"{os.path.basename(path)}: wrong number of fields", len(invalid),
                message=f"found {first.actual_columns} fields", file=path, line=line,
                field=missing, expected=f"{len(names)} fields separated by {delimiter!r}")
-    keep = np.ones(len(nonblank), dtype=bool)
+    keep = np.ones(len(records), dtype=bool)
     keep[bad - 1] = False
-    lines = nonblank[keep]
+    lines = records[keep]
   else:
-    lines = nonblank
+    lines = records
   lines = lines[int(header):]
-  if len(lines) != table.num_rows:  # quoted newlines: rows are not lines any more.
+  if len(lines) != table.num_rows:  # the parser and the line scan disagree: number rows
     lines = np.arange(1 + int(header), table.num_rows + 1 + int(header), dtype=np.int64)
   return Frame(table, lines, path, {n: "str" for n in names}, header=written)
+
+
+def _record_lines(raw: bytes, delimiter: str, fallback: int) -> np.ndarray:
+  """1-based first line of each non-blank record of a quoted CSV (a quoted value may span
+  lines); Python's csv module quotes as pyarrow does (a quote only opens a field)."""
+  reader = csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), delimiter=delimiter)
+  starts, prev = [], 0
+  try:
+    for record in reader:
+      if record:
+        starts.append(prev + 1)
+      prev = reader.line_num
+  except csv.Error:
+    return np.arange(1, fallback + 1, dtype=np.int64)
+  return np.asarray(starts, dtype=np.int64)
 
 
 def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
@@ -195,6 +295,8 @@ def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
     values = pc.cast(col, pa.float64())
   except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
     values, bad = _parse_floats_slowly(col)
+    if not bad.any():  # the grammar above and pyarrow disagree: trust pyarrow, value by value
+      bad = np.array([_arrow_rejects(v) for v in col.to_pylist()], dtype=bool)
     first = int(np.flatnonzero(bad)[0])
     policy.bad(f"{os.path.basename(frame.path)}: non-numeric '{name}'", int(bad.sum()),
                message=f"cannot read {col[first].as_py()!r} as a number", file=frame.path,
@@ -205,6 +307,19 @@ def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
   return frame
 
 
+# The numbers pyarrow's cast accepts, and nothing more: Python's float() also takes '1_000',
+# full-width or other Unicode digits and inner spaces, which must not slip through as values.
+_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+                     re.IGNORECASE | re.ASCII)
+
+
+def parse_number(text) -> float | None:
+  """`text` (already trimmed) as a float, or None when it is not a plain decimal number."""
+  if not isinstance(text, str) or not _NUMBER.fullmatch(text):
+    return None
+  return float(text)
+
+
 def _parse_floats_slowly(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
   """Error path only: parse each distinct value in Python to find which rows are bad."""
   enc = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
@@ -212,12 +327,46 @@ def _parse_floats_slowly(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
   vals = np.full(len(uniq) + 1, np.nan)
   ok = np.ones(len(uniq) + 1, dtype=bool)
   for i, u in enumerate(uniq):
-    try:
-      vals[i] = float(u)
-    except ValueError:
+    v = parse_number(u)
+    if v is None:
       ok[i] = False
+    else:
+      vals[i] = v
   codes = enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False)
   return pa.array(vals[codes]), ~ok[codes]
+
+
+def _arrow_rejects(text) -> bool:
+  try:
+    pc.cast(pa.array([text], pa.string()), pa.float64())
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    return True
+  return False
+
+
+def check_float_seq(frame: Frame, name: str, policy: Policy) -> Frame:
+  """A float_seq column: every whitespace-separated token must be a number (else `policy`)."""
+  col = frame.column(name)
+  enc = pc.dictionary_encode(col.combine_chunks())
+  uniq = enc.dictionary.to_pylist()
+  ok = np.ones(len(uniq) + 1, dtype=bool)
+  first_bad = {}
+  for i, text in enumerate(uniq):
+    for token in split_seq(text):
+      if parse_number(token) is None:
+        ok[i] = False
+        first_bad[i] = token
+        break
+  if ok.all():
+    return frame
+  codes = enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False)
+  bad = ~ok[codes]
+  row = int(np.flatnonzero(bad)[0])
+  policy.bad(f"{os.path.basename(frame.path)}: non-numeric '{name}'", int(bad.sum()),
+             message=f"cannot read {first_bad[int(codes[row])]!r} as a number",
+             file=frame.path, line=int(frame.lines[row]), field=name,
+             expected="numbers separated by spaces")
+  return frame.filter(~bad)
 
 
 def split_seq(text, sep: str | None = None) -> tuple:
@@ -262,7 +411,7 @@ def seq_numpy(col, sep: str | None = None, as_float: bool = False) -> np.ndarray
   uniq = np.empty(len(enc.dictionary) + 1, dtype=object)
   for i, text in enumerate(enc.dictionary.to_pylist()):
     parts = split_seq(text, sep)
-    uniq[i] = tuple(float(p) for p in parts) if as_float else parts
+    uniq[i] = tuple(parse_number(p) for p in parts) if as_float else parts
   uniq[-1] = ()
   codes = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
   return uniq[codes]

@@ -166,9 +166,9 @@ def _user(frame: _io.Frame, name: str) -> _io.Frame:
 def age_bucket(age: np.ndarray, name: str) -> np.ndarray:
   """ML-1M age code per row ('1', '18', ... '56'); ML-100K raw ages are bucketed first."""
   out = np.empty(len(age), dtype=object)
-  ok = ~np.isnan(age)
-  if name == "ml-1m":
-    out[ok] = [str(int(a)) for a in age[ok]]
+  ok = np.isfinite(age)
+  if name == "ml-1m":  # a code as written ('18'), never truncated ('1.5' stays '1.5')
+    out[ok] = [str(int(a)) if a.is_integer() else repr(a) for a in age[ok].tolist()]
   else:
     edges = np.asarray(AGE_CODES[1:], dtype=np.float64)
     codes = np.asarray([str(c) for c in AGE_CODES], dtype=object)
@@ -198,7 +198,4 @@ def _item(frame: _io.Frame, genre_sep: str) -> _io.Frame:
 
 def _to_year(text) -> float | None:
   """A year field as float; RecBole's ML-100K spells one unknown year 'unkonwn' -> None."""
-  try:
-    return float(text)
-  except (TypeError, ValueError):
-    return None
+  return _io.parse_number(text.strip()) if isinstance(text, str) else None

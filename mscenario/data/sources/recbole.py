@@ -33,7 +33,10 @@ def read_atomic(path: str, policy: _io.Policy, *, as_text: bool = False) -> _io.
   for name, kind in kinds.items():
     if kind == "float":
       frame = _io.cast_float(frame, name, policy)
-    elif kind in ("seq", "floatseq"):
+    elif kind == "floatseq":
+      frame = _io.check_float_seq(frame, name, policy)
+      frame.kinds[name] = kind
+    elif kind == "seq":
       frame.kinds[name] = kind
   return frame
 

@@ -48,17 +48,12 @@ def column_roles(data_cfg) -> tuple[set, set, dict]:
 
 def table_paths(data_cfg) -> list[tuple[str, str]]:
   """[(split, path)]: the train file alone, or train plus the given valid / test files."""
+  from mscenario.data.sources import resolve_path
   table = data_cfg.table
-  root = _get(data_cfg, "root", "") or ""
   if not _get(table, "train"):
     raise ConfigError("data.source='table' needs data.table.train (a .csv or .parquet path)")
-  out = []
-  for split in ("train", "valid", "test"):
-    path = _get(table, split, "") or ""
-    if path:
-      path = os.path.expanduser(path)
-      out.append((split, path if os.path.isabs(path) or not root else os.path.join(root, path)))
-  return out
+  return [(split, resolve_path(_get(table, split), data_cfg))
+          for split in ("train", "valid", "test") if _get(table, split, "")]
 
 
 def load_table(data_cfg) -> RawTable:
