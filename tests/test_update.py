@@ -204,3 +204,50 @@ def test_update_with_sparse_embedding_updates(tmp_path):
         + len(after.state["vocabs"]["item_id"]["values"]))
   assert np.all(np.abs(t1[lo: lo + 5] - t0[lo: lo + 5]).sum(axis=1) > 0)
   np.testing.assert_array_equal(t1[lo + 5: lo + 8], t0[lo + 5: lo + 8])  # unused reserve
+
+
+def test_update_is_idempotent_and_survives_a_crash_before_the_vocabularies(tmp_path,
+                                                                          monkeypatch):
+  """The same events twice: the second is a no-op. A crash after the checkpoint but before
+  transform.json: the rerun completes without training again. A later `train` on the work
+  dir keeps the grown vocabularies."""
+  from mscenario.data import synthetic
+  from mscenario.train import update as update_lib
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL]) == 0
+  config = load_config(SYNTHETIC, SMALL)
+  table = synthetic.load_raw(config.data)
+  part = table.take(np.arange(600))
+  part.columns["user_id"] = np.where(np.arange(600) < 40, "brand-new-user",
+                                     part.columns["user_id"]).astype(object)
+  step0, _ = _ckpt(workdir)
+
+  real_complete = update_lib._complete
+
+  def crash(*args, **kwargs):
+    raise KeyboardInterrupt("killed between checkpoint and transform.json")
+  monkeypatch.setattr(update_lib, "_complete", crash)
+  with pytest.raises(KeyboardInterrupt):
+    update_lib.update_table(str(workdir), part)
+  step1, table1 = _ckpt(workdir)
+  assert step1 == step0 + 3  # the checkpoint holds the update ...
+  assert "updates" not in json.load(open(workdir / "transform.json"))  # ... the vocab not
+
+  monkeypatch.setattr(update_lib, "_complete", real_complete)
+  rec = update_lib.update_table(str(workdir), part)
+  assert rec["completed_after_crash"] and rec["step_to"] == step1
+  step2, table2 = _ckpt(workdir)
+  assert step2 == step1  # no second training on the same events
+  np.testing.assert_array_equal(table2, table1)
+  after = json.load(open(workdir / "transform.json"))
+  assert [u["step_to"] for u in after["updates"]] == [step1]
+  assert after["vocabs"]["user_id"]["added"] == ["brand-new-user"]
+
+  again = update_lib.update_table(str(workdir), part)
+  assert again["already_applied"] and _ckpt(workdir)[0] == step1
+  assert len(json.load(open(workdir / "transform.json"))["updates"]) == 1
+
+  # `train` on the updated work dir (resume: nothing left to train) keeps the vocabularies.
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL]) == 0
+  kept = json.load(open(workdir / "transform.json"))
+  assert kept["vocabs"]["user_id"]["added"] == ["brand-new-user"] and kept["updates"]

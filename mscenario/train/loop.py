@@ -356,8 +356,11 @@ def write_run_info(config, wd: workdir_lib.WorkDir, data: PreparedData) -> None:
     return
   workdir_lib.write_text(wd.file(workdir_lib.CONFIG), config_lib.to_json(config))
   workdir_lib.write_json(wd.file(workdir_lib.VERSIONS), versions(), indent=2)
-  # predict needs no data: the fitted transform travels with the run
-  workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), data.transform.state)
+  # predict needs no data: the fitted transform travels with the run. After `update` it holds
+  # grown vocabularies that the checkpoints' rows belong to: keep that one.
+  if not (wd.exists(workdir_lib.TRANSFORM)
+          and wd.read_json(workdir_lib.TRANSFORM).get("updates")):
+    workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), data.transform.state)
   workdir_lib.write_json(wd.file(workdir_lib.DATA),
                          {"fingerprint": data.fingerprint, "path": data.path, **data.meta},
                          indent=2)
