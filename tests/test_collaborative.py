@@ -222,3 +222,16 @@ def test_prepared_ml100k_subset_has_cf_columns_and_predict_needs_them(shared_dat
     raw.columns[name] = col
   arrays, _, _ = data.transform.apply(raw, require_label=False)
   np.testing.assert_allclose(arrays["dense"], dense[test], atol=1e-5)
+
+
+def test_missing_value_default_is_the_cold_start_fallback():
+  """A NaN cf_* value (the server's absent field) means 'no CF knowledge': mu, not 0."""
+  from mscenario.data.transform import Transform
+  users, items, stars, nu, ni = world()
+  train, _ = split(len(users))
+  feats, full = cf.compute(users, items, stars, train, nu, ni, small_cfg(), 0, QUIET)
+  t = Transform({"dense": {}, "schema": {"dense": []}})
+  cf.register(t, feats, train, small_cfg(), full)
+  defaults = [t.state["dense"][n]["default"] for n in cf.FEATURES]
+  assert defaults[0] == pytest.approx(stars[train].mean()) and defaults[0] > 1
+  assert defaults[1:] == [0.0] * (len(cf.FEATURES) - 1)

@@ -261,13 +261,16 @@ def compute(users, items, values, train_rows, n_users: int, n_items: int, cfg,
   return out, full
 
 
-def register(transform, features: np.ndarray, train_rows: np.ndarray, cfg) -> np.ndarray:
+def register(transform, features: np.ndarray, train_rows: np.ndarray, cfg,
+             model: CFModel | None = None) -> np.ndarray:
   """Add FEATURES to the transform as dense columns standardised on the training rows.
 
   Returns the standardised float32 block to append to the prepared `dense` array. At
   predict time `Transform.apply` then expects raw columns named as FEATURES in the input
   (see `columns_for`) and raises a DataError naming the first one missing: a model trained
-  with them is never silently fed zeros.
+  with them is never silently fed zeros. A value given as missing (NaN; the server's absent
+  field) takes the column's default: the new-user-and-new-item fallback of `model` (mu for
+  cf_baseline, 0 elsewhere), i.e. "no collaborative knowledge", not a zero baseline.
   """
   state = transform.state
   clash = [name for name in FEATURES if name in state["dense"]]
@@ -278,9 +281,12 @@ def register(transform, features: np.ndarray, train_rows: np.ndarray, cfg) -> np
   shift = train.mean(axis=0)
   scale = train.std(axis=0)
   scale = np.where(scale > 0, scale, 1.0)
+  fallback = (score(model, np.array([-1]), np.array([-1]))[0] if model is not None
+              else np.zeros(len(FEATURES)))
   for j, name in enumerate(FEATURES):
     state["dense"][name] = {"column": name, "shift": float(shift[j]),
-                            "scale": float(scale[j]), "default": 0.0, "indicator": False}
+                            "scale": float(scale[j]), "default": float(fallback[j]),
+                            "indicator": False}
   state["schema"]["dense"] = [*state["schema"]["dense"], *FEATURES]
   state["collaborative"] = {"features": list(FEATURES), "file": STATE_FILE,
                             "config": dict(cfg.to_dict()) if hasattr(cfg, "to_dict")

@@ -358,7 +358,7 @@ def _add_collaborative(arrays, table, keep, transform, data_cfg, train_rows, see
   feats, full = collaborative.compute(arrays["user"], arrays["item"], values, train_rows,
                                       max(schema.user_vocab_size, 1),
                                       max(schema.item_vocab_size, 1), cfg, seed, log=log)
-  block = collaborative.register(transform, feats, train_rows, cfg)
+  block = collaborative.register(transform, feats, train_rows, cfg, full)
   arrays["dense"] = np.concatenate([arrays["dense"], block], axis=1)
   seconds = time.time() - t0
   log(f"data: collaborative features {list(collaborative.FEATURES)} in {seconds:.1f}s")
