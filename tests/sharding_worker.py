@@ -104,11 +104,19 @@ def fit_paths(config, data, shape, workdir, steps_per_call=4):
     out[name] = (jax.tree_util.tree_map(np.asarray, {"p": loop.all_params(state),
                                                      "ms": state.model_state}),
                  [r["loss"] for r in wd.read_metrics()], int(state.step))
+    if name == "device":  # evaluation: streamed vs gathered on the devices
+      probs = {}
+      for mode in ("never", "always"):
+        config.data.on_device = mode
+        probs[mode] = loop.predict(setup, state, "valid")
+      config.data.on_device = "auto"
+      eval_diff = float(np.max(np.abs(probs["never"] - probs["always"])))
   diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0, out["host"][0],
       out["device"][0]))
   return {"max_param_diff": max(diffs), "host_losses": out["host"][1],
-          "device_losses": out["device"][1], "steps": [out["host"][2], out["device"][2]]}
+          "device_losses": out["device"][1], "steps": [out["host"][2], out["device"][2]],
+          "eval_diff": eval_diff}
 
 
 def main(argv):

@@ -62,10 +62,12 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
 @pytest.mark.parametrize("embed_update", ["dense", "rowwise_adagrad"])
 def test_device_resident_scanned_epoch_equals_host_pipeline(tmp_path, embed_update):
   """One epoch from device-resident columns in scanned calls of 4 steps gives bit-identical
-  parameters and the same logged losses as the host pipeline, on 1 and 8 devices."""
+  parameters and the same logged losses as the host pipeline, on 1 and 8 devices; evaluation
+  gathered on the devices gives the same probabilities as streamed evaluation."""
   out = _run_worker(f"--config.train.embed_update={embed_update}", "--config.model.name=star",
                     args=["--fit-paths", str(tmp_path), json.dumps([[1, 1], [2, 4]])])
   for name, res in out.items():
     assert res["steps"][0] == res["steps"][1] > 4, (name, res["steps"])
     assert res["max_param_diff"] == 0.0, (name, res["max_param_diff"])
     assert res["host_losses"] == res["device_losses"], name
+    assert res["eval_diff"] == 0.0, (name, res["eval_diff"])  # eval: streamed == on device

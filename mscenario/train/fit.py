@@ -164,6 +164,53 @@ def device_columns_bytes(data, keys) -> int:
   return sum(int(data.arrays[k].nbytes) for k in keys)
 
 
+def device_columns(setup) -> dict:
+  """The prepared columns the model reads, on every device (uploaded once per setup)."""
+  if "columns" not in setup.cache:
+    rep = mesh_lib.replicated(setup.mesh)
+    setup.cache["columns"] = {k: upload_replicated(np.asarray(setup.data.arrays[k]), rep)
+                              for k in column_keys(setup)}
+  return setup.cache["columns"]
+
+
+def use_device(setup) -> bool:
+  """data.on_device: always, never, or auto = the columns fit data.device_budget_mb."""
+  mode = setup.config.data.get("on_device", "auto")
+  if mode not in ("auto", "always", "never"):
+    raise ConfigError(f"data.on_device={mode!r}: expected auto, always or never")
+  if mode != "auto":
+    return mode == "always"
+  budget = float(setup.config.data.get("device_budget_mb", 1024)) * 2 ** 20
+  return device_columns_bytes(setup.data, column_keys(setup)) <= budget
+
+
+def device_predict(setup, state, it: pipeline.BatchIterator) -> np.ndarray:
+  """Probabilities of every batch of `it` (unshuffled, last batch padded) in one call: the
+  batches' rows are gathered on the devices from the resident columns."""
+  index_sharding = NamedSharding(setup.mesh, P(None, "data"))
+  if "eval_rows" not in setup.cache:
+    rep = mesh_lib.replicated(setup.mesh)
+    eval_fn, shardings = setup.eval_fn, setup.batch_shardings
+
+    def eval_rows(params, model_state, embed, columns, rows):
+      def one(r):
+        batch = {k: jnp.take(c, r, axis=0) for k, c in columns.items()}
+        batch = jax.lax.with_sharding_constraint(batch, {k: shardings[k] for k in batch})
+        return eval_fn(params, model_state, embed, batch)
+      return jax.lax.map(one, rows)
+
+    ss = setup.state_shardings
+    setup.cache["eval_rows"] = jax.jit(
+        eval_rows, in_shardings=(ss.params, ss.model_state, ss.embed,
+                                 {k: rep for k in column_keys(setup)}, index_sharding),
+        out_shardings=rep)
+  rows, _ = it.epoch_rows(0)
+  rows = jax.make_array_from_process_local_data(index_sharding, rows)
+  probs = setup.cache["eval_rows"](state.params, state.model_state, state.embed,
+                                   device_columns(setup), rows)
+  return np.asarray(probs).reshape(-1)
+
+
 class DeviceBatches:
   """`steps_per_call` steps per call, gathering rows from device-resident columns."""
 
@@ -176,8 +223,7 @@ class DeviceBatches:
     mesh = setup.mesh
     rep = mesh_lib.replicated(mesh)
     self.keys = column_keys(setup)
-    self.columns = {k: upload_replicated(np.asarray(setup.data.arrays[k]), rep)
-                    for k in self.keys}
+    self.columns = device_columns(setup)
     self.index_sharding = NamedSharding(mesh, P(None, "data"))
     self._multi = jax.jit(
         _multi_step(setup.step_fn, setup.batch_shardings),
@@ -231,17 +277,9 @@ def _multi_step(step_fn, batch_shardings):
 
 def make_source(setup, it: pipeline.BatchIterator):
   """DeviceBatches when data.on_device says so (auto: the columns fit the budget)."""
-  config = setup.config
-  mode = config.data.get("on_device", "auto")
-  if mode not in ("auto", "always", "never"):
-    raise ConfigError(f"data.on_device={mode!r}: expected auto, always or never")
-  use = mode == "always"
-  if mode == "auto":
-    budget = float(config.data.get("device_budget_mb", 1024)) * 2 ** 20
-    use = device_columns_bytes(setup.data, column_keys(setup)) <= budget
-  if use:
-    return DeviceBatches(setup, it, int(config.train.get("steps_per_call", 32)))
-  return HostBatches(setup, it, config.train.prefetch)
+  if use_device(setup):
+    return DeviceBatches(setup, it, int(setup.config.train.get("steps_per_call", 32)))
+  return HostBatches(setup, it, setup.config.train.prefetch)
 
 
 # ---------------------------------------------------------------------------- the loop

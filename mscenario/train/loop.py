@@ -106,6 +106,8 @@ class Setup:
   abstract_state: object
   create_state: object
   step_fn: object = None    # the pure train step (train_step is its jit); fit.py scans it
+  eval_fn: object = None    # the pure eval step (eval_step is its jit)
+  cache: dict = dataclasses.field(default_factory=dict)  # device-resident columns (fit.py)
 
 
 def example_batch(data: PreparedData, size: int) -> dict:
@@ -249,7 +251,8 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
                             (id_slot, id_dropout))
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, schema),
+  eval_fn = make_eval_step(model, schema)
+  eval_step = jax.jit(eval_fn,
                       in_shardings=(state_shardings.params, state_shardings.model_state,
                                     state_shardings.embed, batch_shardings),
                       out_shardings=rep)
@@ -258,7 +261,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
   if text_values is not None:
     create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
-               eval_step, abstract, create, step_fn)
+               eval_step, abstract, create, step_fn, eval_fn)
 
 
 def _with_text_tables(create, values: dict, model_state_shardings):
@@ -300,6 +303,9 @@ def predict(setup: Setup, state: TrainState, split: str, *, desc: str = "") -> n
   it = pipeline.BatchIterator(setup.data, split, size, seed=0, shuffle=False, drop_last=False,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
+  n = len(setup.data.splits[split])
+  if fit_lib.use_device(setup):
+    return fit_lib.device_predict(setup, state, it)[:n]
   sharding = mesh_lib.batch_sharding(setup.mesh)
   out = []
   batches = pipeline.prefetch(it.epoch(0), lambda b: pipeline.to_global(b, sharding),
