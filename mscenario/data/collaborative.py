@@ -121,13 +121,12 @@ def _top_k_cosine(x: sp.csr_matrix, k: int, shrink: float, chunk: int) -> sp.csr
       top = np.zeros((b - a, 0), np.int64)
     else:
       top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    top = np.sort(top, axis=1)  # CSR wants sorted column indices per row
     vals = np.take_along_axis(sim, top, axis=1)
-    for r in range(b - a):
-      keep = vals[r] > 0
-      order = np.argsort(top[r][keep])
-      indices.append(top[r][keep][order])
-      data.append(vals[r][keep][order])
-      indptr.append(indptr[-1] + int(keep.sum()))
+    keep = vals > 0
+    indices.append(top[keep])  # row-major: rows stay in order
+    data.append(vals[keep])
+    indptr.extend(indptr[-1] + np.cumsum(keep.sum(axis=1)))
   cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa
   return sp.csr_matrix((cat(data, np.float64), cat(indices, np.int32), np.asarray(indptr)),
                        shape=(n, n))
