@@ -98,7 +98,8 @@ def _nonblank_lines(raw: bytes) -> np.ndarray:
 
 def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",",
                policy: "Policy | None" = None, *, header: bool = True,
-               quoting: bool = False, rename=None) -> tuple[bytes, str]:
+               quoting: bool = False, rename=None,
+               names: list[str] | None = None) -> tuple[bytes, str]:
   """File content as UTF-8 bytes, with a multi-character delimiter replaced by one char.
 
   Lines that cannot be parsed faithfully (invalid UTF-8, a lone carriage return, which the
@@ -118,7 +119,7 @@ def read_bytes(path: str, encoding: str = "utf-8", delimiter: str = ",",
       raw = raw.decode(encoding).encode("utf-8")
     except (UnicodeDecodeError, LookupError) as e:
       raise DataError(f"cannot decode as {encoding}: {e}", file=path) from None
-  raw = _screen(raw, path, policy or Policy(), delimiter, header, quoting, rename)
+  raw = _screen(raw, path, policy or Policy(), delimiter, header, quoting, rename, names)
   if len(delimiter) > 1:
     raw = raw.replace(delimiter.encode("utf-8"), _SEP.encode())
     delimiter = _SEP
@@ -139,7 +140,7 @@ def _field_at(raw: bytes, start: int, pos: int, delimiter: str, header: list[str
 
 
 def _screen(raw: bytes, path: str, policy: "Policy", delimiter: str, header: bool,
-            quoting: bool, rename=None) -> bytes:
+            quoting: bool, rename=None, names: list[str] | None = None) -> bytes:
   problems = {}  # line -> (start, end, pos, reason, expected)
   try:  # invalid UTF-8: the parser would fail the whole file without saying where.
     raw.decode("utf-8")
@@ -157,6 +158,9 @@ def _screen(raw: bytes, path: str, policy: "Policy", delimiter: str, header: boo
     cr = np.flatnonzero(buf == 13)
     lone = cr[(cr + 1 >= len(buf)) | (buf[np.minimum(cr + 1, len(buf) - 1)] != 10)]
     lone = lone[lone + 1 < len(buf)]  # a CR at the very end ends the last line: harmless
+    if quoting:  # inside a quoted value a CR is just a character
+      quotes = np.cumsum(buf == 34)
+      lone = lone[quotes[lone] % 2 == 0]
     for p in lone.tolist():
       line, start, end = _line_span(raw, p)
       problems.setdefault(line, (start, end, p, "carriage return inside a line",
@@ -168,7 +172,7 @@ def _screen(raw: bytes, path: str, policy: "Policy", delimiter: str, header: boo
                                  f"fields separated by {delimiter!r}"))
   if not problems:
     return raw
-  names = []
+  names = list(names or [])
   if header:
     first = raw[: raw.find(b"\n") if b"\n" in raw else len(raw)]
     names = [n.strip() for n in first.decode("utf-8", "replace").rstrip("\r").split(delimiter)]
@@ -204,14 +208,25 @@ def _header(raw: bytes, delimiter: str, quoting: bool, path: str) -> list[str]:
 
 
 def _parse(raw: bytes, names: list[str], skip_rows: int, delimiter: str, quoting: bool,
-           threads: bool) -> tuple[pa.Table, list]:
+           threads: bool, path: str = "") -> tuple[pa.Table, list]:
   invalid = []
+  body = raw[raw.find(b"\n") + 1:] if skip_rows and b"\n" in raw else b"" if skip_rows else raw
+  if not body.strip(b"\r\n"):  # header only, or nothing: pyarrow would call it an error
+    return pa.table({n: pa.array([], pa.string()) for n in names}), invalid
 
   def handler(row):
     invalid.append(row)
     return "skip"
 
-  table = pacsv.read_csv(
+  try:
+    return _read_csv(raw, names, skip_rows, delimiter, quoting, threads, handler), invalid
+  except (pa.ArrowInvalid, UnicodeDecodeError) as e:  # the lines were screened: not expected
+    raise DataError(f"cannot parse: {e}", file=path, line=1 + skip_rows,
+                    expected="delimited text") from None
+
+
+def _read_csv(raw, names, skip_rows, delimiter, quoting, threads, handler) -> pa.Table:
+  return pacsv.read_csv(
       io.BytesIO(raw),
       read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip_rows,
                                      use_threads=threads, block_size=1 << 24),
@@ -221,7 +236,6 @@ def _parse(raw: bytes, names: list[str], skip_rows: int, delimiter: str, quoting
       convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                            strings_can_be_null=True, null_values=[""],
                                            quoted_strings_can_be_null=False))
-  return table, invalid
 
 
 def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str] | None = None,
@@ -232,7 +246,7 @@ def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str
   wrong number of fields are reported through `policy` with their line.
   """
   raw, delim = read_bytes(path, encoding, delimiter, policy, header=names is None,
-                          quoting=quoting, rename=rename)
+                          quoting=quoting, rename=rename, names=names)
   header = names is None
   written = []
   if header:
@@ -241,17 +255,20 @@ def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
       raise DataError(f"duplicate column name '{dup[0]}'", file=path, line=1, field=dup[0])
-  table, invalid = _parse(raw, names, int(header), delim, quoting, threads=True)
+  table, invalid = _parse(raw, names, int(header), delim, quoting, threads=True, path=path)
   records = _nonblank_lines(raw)
   if invalid:  # Multi-threaded parsing does not number rows; redo this file in one thread.
-    table, invalid = _parse(raw, names, int(header), delim, quoting, threads=False)
+    table, invalid = _parse(raw, names, int(header), delim, quoting, threads=False,
+                            path=path)
   if len(records) != table.num_rows + len(invalid) + int(header):
     records = _record_lines(raw, delim, len(records))  # quoted newlines: rows are not lines
   if invalid:
     bad = np.array([r.number for r in invalid], dtype=np.int64)
     first = invalid[0]
     line = int(records[first.number - 1])
-    missing = names[first.actual_columns] if first.actual_columns < len(names) else None
+    # the first field missing, or the first one too many
+    missing = (names[first.actual_columns] if first.actual_columns < len(names)
+               else f"#{len(names) + 1}")
     policy.bad(f"{os.path.basename(path)}: wrong number of fields", len(invalid),
                message=f"found {first.actual_columns} fields", file=path, line=line,
                field=missing, expected=f"{len(names)} fields separated by {delimiter!r}")
@@ -267,18 +284,32 @@ def read_delimited(path: str, policy: Policy, *, delimiter: str, names: list[str
 
 
 def _record_lines(raw: bytes, delimiter: str, fallback: int) -> np.ndarray:
-  """1-based first line of each non-blank record of a quoted CSV (a quoted value may span
-  lines); Python's csv module quotes as pyarrow does (a quote only opens a field)."""
-  reader = csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), delimiter=delimiter)
-  starts, prev = [], 0
-  try:
-    for record in reader:
-      if record:
-        starts.append(prev + 1)
-      prev = reader.line_num
-  except csv.Error:
-    return np.arange(1, fallback + 1, dtype=np.int64)
-  return np.asarray(starts, dtype=np.int64)
+  """1-based first line (counting '\\n' only, as for unquoted files) of each non-blank
+  record of a quoted CSV, where a quoted value may span lines. Quotes as pyarrow reads them:
+  a quote opens a value only at its start, '""' inside is one quote, and text after the
+  closing quote belongs to the value."""
+  text = raw.decode("utf-8")
+  d = re.escape(delimiter)
+  field = re.compile(rf'"(?:[^"]|"")*(?:"|\Z)[^{d}\n]*|[^{d}\n]*')
+  starts, pos, line, n = [], 0, 1, len(text)
+  while pos < n:
+    if text[pos] == "\n" or text.startswith("\r\n", pos):  # a blank line
+      pos += 1 if text[pos] == "\n" else 2
+      line += 1
+      continue
+    starts.append(line)
+    while True:
+      m = field.match(text, pos)
+      line += m.group().count("\n")
+      pos = m.end()
+      if pos < n and text.startswith(delimiter, pos):
+        pos += len(delimiter)
+        continue
+      if pos < n:  # the record's newline
+        pos += 1
+        line += 1
+      break
+  return np.asarray(starts, dtype=np.int64) if starts else np.arange(1, fallback + 1)
 
 
 def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
@@ -288,6 +319,12 @@ def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
       col.type):
     frame.set_column(name, pc.cast(col, pa.float64()), "float")
     return frame
+  if not pa.types.is_string(col.type):  # decimal, large_string, dates (Parquet): as text
+    try:
+      frame.set_column(name, pc.cast(col, pa.float64()), "float")
+      return frame
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+      col = pc.cast(col, pa.string())
   col = pc.utf8_trim_whitespace(col)
   col = pc.if_else(pc.is_in(col, value_set=pa.array(NUMERIC_MISSING)),
                    pa.scalar(None, pa.string()), col)

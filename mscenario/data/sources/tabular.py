@@ -84,13 +84,47 @@ def _read(path: str, delimiter: str, policy: _io.Policy) -> _io.Frame:
     import pyarrow.parquet as pq
     try:
       table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
       raise DataError(f"cannot read Parquet: {e}", file=path) from None
+    table = _plain_columns(table, path)
     kinds = {n: _arrow_kind(table.schema.field(n).type) for n in table.column_names}
     return _io.Frame(table, np.arange(1, table.num_rows + 1, dtype=np.int64), path, kinds)
   if delimiter in ("\\t", "tab"):
     delimiter = "\t"
   return _io.read_delimited(path, policy, delimiter=delimiter, quoting=True)
+
+
+def _scalar(typ: pa.DataType) -> bool:
+  return not (pa.types.is_nested(typ) or pa.types.is_dictionary(typ))
+
+
+def _plain_columns(table: pa.Table, path: str) -> pa.Table:
+  """Parquet columns as numbers, text or lists of scalars: dictionaries are decoded, binary
+  must be UTF-8 text; anything else (structs, maps, lists of lists) is a DataError naming the
+  column, rather than a pyarrow traceback later."""
+  for i, name in enumerate(table.column_names):
+    col = table.column(i)
+    typ = col.type
+    if pa.types.is_dictionary(typ):
+      col, typ = col.cast(typ.value_type), typ.value_type
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(
+        typ):
+      for row, value in enumerate(col.to_pylist()):
+        try:
+          value is None or value.decode("utf-8")
+        except UnicodeDecodeError:
+          raise DataError("binary value is not UTF-8 text", file=path, line=row + 1,
+                          field=name, expected="UTF-8 text") from None
+      col, typ = pc.cast(col, pa.string()), pa.string()
+    if pa.types.is_null(typ):
+      col, typ = pc.cast(col, pa.string()), pa.string()
+    listy = pa.types.is_list(typ) or pa.types.is_large_list(typ)
+    if (listy and not _scalar(typ.value_type)) or (not listy and not _scalar(typ)):
+      raise DataError(f"column type {typ} is not supported", file=path, field=name,
+                      expected="numbers, text, or lists of numbers or text")
+    if col is not table.column(i):
+      table = table.set_column(i, name, col)
+  return table
 
 
 def _arrow_kind(typ: pa.DataType) -> str:
@@ -121,17 +155,33 @@ def _convert(frames: list[_io.Frame], roles, policy: _io.Policy) -> list[_io.Fra
   """Settle each column's type across all files, then convert (bad numbers -> policy)."""
   as_str, as_float, multi = roles
   names = dict.fromkeys(n for f in frames for n in f.table.column_names)
+  # Inferred over every row, before any bad row elsewhere is dropped (else a column's type
+  # would depend on the other columns' errors and on the column order).
+  numeric = {name: all(_numeric(f, name) for f in frames if name in f.table.column_names)
+             for name in names if name not in as_str | as_float | set(multi)}
   out = list(frames)
   for name in names:
     having = [i for i, f in enumerate(out) if name in f.table.column_names]
+    lists = [i for i in having if out[i].kinds[name] == "list"]
+    if lists and name not in multi:  # a Parquet list column where one value is expected
+      if name in as_str or name in as_float:
+        raise DataError("holds lists", file=out[lists[0]].path, field=name,
+                        expected="one value per row (or a feature of kind 'multi')")
+      for i in having:  # a column the config does not use: keep lists as tuples
+        if out[i].kinds[name] != "list":
+          out[i].kinds[name], out[i].seps[name] = "seq", " "
+      continue
     if name in multi:
       for i in having:
         kind = "list" if out[i].kinds[name] == "list" else "seq"
+        col = out[i].column(name)
+        if kind == "seq" and not pa.types.is_string(col.type):  # one number: one value
+          out[i].set_column(name, pc.cast(col, pa.string()), kind)
         out[i].kinds[name], out[i].seps[name] = kind, multi[name]
     elif name in as_str:
       for i in having:
         out[i].kinds[name] = "str"
-    elif name in as_float or all(_numeric(out[i], name) for i in having):
+    elif name in as_float or numeric[name]:
       for i in having:
         out[i] = _io.cast_float(out[i], name, policy)
     else:
