@@ -321,3 +321,162 @@ def test_empty_feature_groups_still_work():
     model = build_model(model_cfg(name), schema)
     out = model.apply(init(model, batch), batch, train=False)
     assert out.shape == (6,) and bool(jnp.isfinite(out).all())
+
+
+# ---- the fast formulations compute what the vmapped ones did ---------------------------
+# SharedBottom, MMoE and PLE run their experts / gates / towers as StackedMLP / StackedDense
+# (one wide matmul per shared input, fused mixing) instead of flax vmap over copies. These
+# are the vmapped formulations they replaced; the param and batch_stats trees are the same,
+# so one set of variables drives both.
+
+from mscenario.models.layers import MLP, ScenarioModel, select_scenario, stacked  # noqa: E402
+from mscenario.models.ple import CGC  # noqa: E402
+
+
+class VmapSharedBottom(ScenarioModel):
+  tower_hidden: tuple = (64,)
+
+  @nn.compact
+  def __call__(self, batch, train=False):
+    x = self.inputs(batch)
+    h = self.mlp(self.hidden, name="bottom")(x, train)
+    s = self.num_scenarios
+    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
+    logits = towers(jnp.broadcast_to(h, (s,) + h.shape), train)[..., 0]
+    return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)
+
+
+class VmapMMoE(ScenarioModel):
+  num_experts: int = 4
+  expert_hidden: tuple = (256,)
+  tower_hidden: tuple = (64,)
+
+  @nn.compact
+  def __call__(self, batch, train=False):
+    x = self.inputs(batch)
+    s, e = self.num_scenarios, self.num_experts
+    experts = self.stacked_mlp(e, self.expert_hidden, name="experts")
+    expert_out = experts(jnp.broadcast_to(x, (e,) + x.shape), train)
+    gates = stacked(nn.Dense, s, takes_train=False)(e, dtype=self.compute_dtype,
+                                                    param_dtype=jnp.float32, name="gates")
+    gate = nn.softmax(gates(jnp.broadcast_to(x, (s,) + x.shape)).astype(jnp.float32))
+    mixed = jnp.einsum("sbe,ebh->sbh", gate.astype(expert_out.dtype), expert_out)
+    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
+    logits = towers(mixed, train)[..., 0]
+    return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)
+
+
+class VmapCGC(CGC):
+  @nn.compact
+  def __call__(self, inputs, train=False):
+    s, k, m = self.num_scenarios, self.specific, self.shared
+    args = (tuple(self.expert_hidden), self.activation, self.dropout, self.dtype,
+            self.batch_norm)
+    spec = stacked(MLP, s * k)(*args, name="specific_experts")(
+        jnp.repeat(inputs[:s], k, axis=0), train)
+    spec = spec.reshape((s, k) + spec.shape[1:])
+    shared = stacked(MLP, m)(*args, name="shared_experts")(
+        jnp.broadcast_to(inputs[s], (m,) + inputs.shape[1:]), train)
+    gates = stacked(nn.Dense, s, takes_train=False)(k + m, name="gates")
+    gate = nn.softmax(gates(inputs[:s]))
+    out = (jnp.einsum("sbk,skbh->sbh", gate[..., :k], spec)
+           + jnp.einsum("sbm,mbh->sbh", gate[..., k:], shared))
+    if self.last:
+      return out
+    g = nn.softmax(nn.Dense(s * k + m, name="shared_gate")(inputs[s]))
+    all_experts = jnp.concatenate([spec.reshape((s * k,) + spec.shape[2:]), shared], axis=0)
+    return jnp.concatenate([out, jnp.einsum("be,ebh->bh", g, all_experts)[None]], axis=0)
+
+
+class VmapPLE(ScenarioModel):
+  ple_layers: int = 1
+  shared_experts: int = 2
+  specific_experts: int = 1
+  expert_hidden: tuple = (256,)
+  tower_hidden: tuple = (64,)
+
+  @nn.compact
+  def __call__(self, batch, train=False):
+    x = self.inputs(batch)
+    s = self.num_scenarios
+    h = jnp.broadcast_to(x, (s + 1,) + x.shape)
+    for i in range(self.ple_layers):
+      h = VmapCGC(s, self.specific_experts, self.shared_experts, tuple(self.expert_hidden),
+                  last=i == self.ple_layers - 1, activation=self.activation,
+                  batch_norm=self.batch_norm, name=f"cgc_{i}")(h, train)
+    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
+    logits = towers(h, train)[..., 0]
+    return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)
+
+
+VMAP = {"sharedbottom": VmapSharedBottom, "mmoe": VmapMMoE, "ple": VmapPLE}
+
+
+def _assert_close_per_leaf(a, b, rtol=1e-5):
+  """|a - b| <= rtol * (|b| + max|b| of the leaf): relative, with the leaf's scale as the
+  floor for entries that are ~0 (e.g. a gradient that cancels)."""
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max() + 1e-30,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("sharedbottom", {}),
+    ("sharedbottom", {"tower_hidden": (6, 5), "batch_norm": False}),
+    ("mmoe", {"num_experts": 3}),
+    ("mmoe", {"expert_hidden": (8, 6), "tower_hidden": (5, 3)}),
+    ("mmoe", {"batch_norm": False}),
+    ("ple", {}),
+    ("ple", {"specific_experts": 2, "shared_experts": 1, "ple_layers": 2}),
+    ("ple", {"specific_experts": 2, "ple_layers": 3, "expert_hidden": (8, 6),
+             "batch_norm": False}),
+])
+def test_fast_models_equal_vmapped_formulation(name, overrides):
+  batch = make_batch(b=64)
+  cfg = model_cfg(name, **overrides)
+  fast = build_model(cfg, SCHEMA)
+  fields = {k: v for k, v in vars(fast).items()
+            if k in {f.name for f in __import__("dataclasses").fields(VMAP[name])}
+            and k not in ("parent", "name")}
+  ref = VMAP[name](**fields)
+  variables = init(fast, batch)
+  assert (jax.tree.structure(variables)
+          == jax.tree.structure(init(ref, batch)))          # same tree: checkpoints load
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, init(ref, batch))
+  # Scenario-specific weights differ from one another (init would make many equal).
+  variables = {**variables, "params": jax.tree.map(
+      lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(5), x.shape),
+      variables["params"])}
+  np.testing.assert_allclose(np.asarray(fast.apply(variables, batch, train=False)),
+                             np.asarray(ref.apply(variables, batch, train=False)),
+                             rtol=1e-5, atol=1e-6)
+
+  def loss(model, params):
+    out, upd = model.apply({**variables, "params": params}, batch, train=True,
+                           mutable=["batch_stats"])
+    y = batch["label"]
+    return jnp.mean(jax.nn.softplus(-out) * y + jax.nn.softplus(out) * (1 - y)), (out, upd)
+
+  (lf, (of, uf)), gf = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(
+      variables["params"])
+  (lr, (or_, ur)), gr = jax.value_and_grad(lambda p: loss(ref, p), has_aux=True)(
+      variables["params"])
+  np.testing.assert_allclose(float(lf), float(lr), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(of), np.asarray(or_), rtol=1e-5, atol=1e-6)
+  _assert_close_per_leaf(uf, ur)
+  _assert_close_per_leaf(gf, gr)
+
+
+def test_stacked_dense_init_matches_vmapped_distribution():
+  from mscenario.models.layers import StackedDense
+  x = jnp.ones((2, 96))
+  fast = StackedDense(8, 64).init(jax.random.PRNGKey(0), x)["params"]
+  ref = stacked(nn.Dense, 8, takes_train=False)(64).init(
+      jax.random.PRNGKey(0), jnp.ones((8, 2, 96)))["params"]
+  assert jax.tree.map(jnp.shape, fast) == jax.tree.map(jnp.shape, ref)
+  # lecun-normal with fan-in 96 per copy (not 8 * 96), copies independent; bias zeros.
+  for kernel in (fast["kernel"], ref["kernel"]):
+    assert abs(float(kernel.std()) * np.sqrt(96) - 1.0) < 0.03
+    assert abs(np.corrcoef(np.asarray(kernel[0]).ravel(), np.asarray(kernel[1]).ravel())[0, 1]) < 0.05
+  np.testing.assert_array_equal(np.asarray(fast["bias"]), 0.0)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
@@ -88,6 +89,108 @@ def stacked(module_cls: type[nn.Module], n: int, takes_train: bool = True) -> ty
       axis_size=n)
 
 
+class StackedDense(nn.Module):
+  """`n` independent Dense layers without vmap; params kernel [n, in, out], bias [n, out],
+  the tree (and per-copy lecun-normal / zeros init) of `stacked(nn.Dense, n)`.
+
+  x [B, in], one input for every copy -> [B, n, out], as ONE [B, in] @ [in, n*out] matmul.
+  (vmap broadcasts x to [n, B, in]: n small matmuls, and x's gradient becomes n matmuls
+  plus a sum over copies instead of one matmul.)
+  x [n, B, in], one input per copy -> [n, B, out], a batched matmul (copy-major, the layout
+  a batched matmul reads and writes without transposes); copy_axis=1 for x [B, n, in].
+  """
+  n: int
+  features: int
+  use_bias: bool = True
+  dtype: Optional[object] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, copy_axis: int = 0) -> jax.Array:
+    n, out, in_dim = self.n, self.features, x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+                        (n, in_dim, out), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (n, out), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if x.ndim == 2:
+      wide = jnp.transpose(kernel, (1, 0, 2)).reshape(in_dim, n * out)
+      y = (x @ wide).reshape(x.shape[0], n, out)
+      return y if bias is None else y + bias
+    if out == 1:  # a batched matmul with one output column is a multiply-add per row
+      w = kernel[..., 0]                                     # [n, in]
+      y = jnp.sum(x * (w[None] if copy_axis else w[:, None]), axis=-1, keepdims=True)
+    else:
+      y = jnp.einsum("bni,nio->bno" if copy_axis else "nbi,nio->nbo", x, kernel)
+    if bias is None:
+      return y
+    return y + (bias[None] if copy_axis == 1 else bias[:, None])
+
+
+class StackedMLP(nn.Module):
+  """`n` independent MLPs (the layout of `MLP`) without vmap: the param and batch_stats tree
+  of `stacked(MLP, n)` (leaves [n, ...]).
+
+  x [B, F], one input for every copy (experts, towers over one representation) -> [B, n, out];
+  x [n, B, F], one input per copy -> [n, B, out]; each the layout its matmul writes (see
+  StackedDense). On a shared input the first layer is one wide matmul; either way the
+  copies' BatchNorm statistics come from one reduction over the batch axis (feature axes
+  (n, H): the per-copy statistics vmap computed one by one). Dropout masks are
+  independent per copy, as under vmap (not the same random bits).
+  """
+  n: int
+  hidden: Sequence[int]
+  activation: str = "relu"
+  dropout: float = 0.0
+  dtype: str = "float32"
+  batch_norm: bool = False
+  output_dim: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    act = get_activation(self.activation)
+    dt = get_dtype(self.dtype)
+    if x.shape[-1] == 0:  # an empty feature group: one zero column keeps Dense's init valid
+      x = jnp.zeros(x.shape[:-1] + (1,), x.dtype)
+    shared = x.ndim == 2
+    if not self.hidden and self.output_dim is None and shared:
+      return jnp.broadcast_to(x[:, None], (x.shape[0], self.n, x.shape[1]))
+    copy_axis = 1 if shared else 0  # the layout stays the one the first matmul writes
+    for i, width in enumerate(self.hidden):
+      # No bias in front of BatchNorm: see MLP.
+      x = StackedDense(self.n, width, use_bias=not self.batch_norm, dtype=dt,
+                       name=f"Dense_{i}")(x, copy_axis)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, axis=(copy_axis, 2), momentum=0.9,
+                         epsilon=1e-5, dtype=dt, param_dtype=jnp.float32,
+                         name=f"BatchNorm_{i}")(x)
+      x = act(x)
+      if self.dropout > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.output_dim is not None:
+      x = StackedDense(self.n, self.output_dim, dtype=dt,
+                       name=f"Dense_{len(self.hidden)}")(x, copy_axis)
+    return x
+
+
+def mix(gate: jax.Array, experts: Sequence[jax.Array]) -> jax.Array:
+  """gate [S, B, E], experts E arrays [B, H] -> [S, B, H], out[s, b] = Σ_e gate[s, b, e] experts[e][b].
+
+  Per-row weights make this B tiny [S, E] @ [E, H] matmuls, which XLA's CPU backend runs
+  slowly however it is written as one op: an einsum becomes a batched dot over B (and more
+  for the gradient); a broadcast product summed over E materialises [B, S, E, H]; a
+  product broadcast over S turns into reductions over S in the gradient. Written per
+  (s, e) on [B, H] slices it is S*E multiply-adds that fuse into single passes, forward
+  and backward. The result is scenario-major, the layout the towers' batched matmul reads.
+  """
+  rows = []
+  for s in range(gate.shape[0]):
+    out = gate[s, :, 0, None] * experts[0]
+    for e in range(1, len(experts)):
+      out = out + gate[s, :, e, None] * experts[e]
+    rows.append(out)
+  return jnp.stack(rows)
+
+
 def select_scenario(values: jax.Array, scenario: jax.Array) -> jax.Array:
   """values [B, S] (one column per scenario) -> [B], each row's own scenario's column."""
   return jnp.take_along_axis(values, scenario[:, None].astype(jnp.int32), axis=1)[:, 0]
@@ -126,6 +229,13 @@ class ScenarioModel(nn.Module):
     """`n` independent MLPs with this model's settings; call with x [n, B, in]."""
     return stacked(MLP, n)(tuple(hidden), self.activation, self.dropout, self.dtype,
                            self.batch_norm, output_dim, name=name)
+
+  def parallel_mlps(self, n: int, hidden: Sequence[int], output_dim: Optional[int] = None,
+                       name: Optional[str] = None) -> "StackedMLP":
+    """Like stacked_mlp (same params), as a StackedMLP: x [B, F] -> [B, n, out] (one input for
+    all copies) or x [n, B, F] -> [n, B, out] (one per copy)."""
+    return StackedMLP(n, tuple(hidden), self.activation, self.dropout, self.dtype,
+                      self.batch_norm, output_dim, name=name)
 
 
 # ---- packing rows by scenario --------------------------------------------------------------

@@ -7,14 +7,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mscenario.models.layers import ScenarioModel, select_scenario, stacked
+from mscenario.models.layers import ScenarioModel, StackedDense, mix, select_scenario
 from mscenario.models.registry import register
 
 
 @register("mmoe")
 class MMoE(ScenarioModel):
   """`num_experts` MLP(`expert_hidden`) experts shared by all scenarios; scenario s mixes
-  them with its own gate softmax(W_s x) and scores the mixture with its own tower."""
+  them with its own gate softmax(W_s x) and scores the mixture with its own tower.
+
+  Every tower runs on every row (its BatchNorm statistics are over the whole batch) and each
+  row keeps its own scenario's logit. The experts and the gates all read x, so each is one
+  wide matmul (StackedMLP / StackedDense; params as vmapped copies, [E, ...] / [S, ...]).
+  """
   num_experts: int = 4
   expert_hidden: Sequence[int] = (256,)
   tower_hidden: Sequence[int] = (64,)
@@ -23,12 +28,10 @@ class MMoE(ScenarioModel):
   def __call__(self, batch: dict, train: bool = False) -> jax.Array:
     x = self.inputs(batch)
     s, e = self.num_scenarios, self.num_experts
-    experts = self.stacked_mlp(e, self.expert_hidden, name="experts")
-    expert_out = experts(jnp.broadcast_to(x, (e,) + x.shape), train)  # [E, B, H]
-    gates = stacked(nn.Dense, s, takes_train=False)(e, dtype=self.compute_dtype, param_dtype=jnp.float32,
-                                 name="gates")
-    gate = nn.softmax(gates(jnp.broadcast_to(x, (s,) + x.shape)).astype(jnp.float32))
-    mixed = jnp.einsum("sbe,ebh->sbh", gate.astype(expert_out.dtype), expert_out)
-    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
+    expert_out = self.parallel_mlps(e, self.expert_hidden, name="experts")(x, train)  # [B, E, H]
+    gates = StackedDense(s, e, dtype=self.compute_dtype, name="gates")(x)            # [B, S, E]
+    gate = nn.softmax(gates.astype(jnp.float32)).astype(expert_out.dtype)
+    mixed = mix(jnp.transpose(gate, (1, 0, 2)), [expert_out[:, i] for i in range(e)])  # [S, B, H]
+    towers = self.parallel_mlps(s, self.tower_hidden, output_dim=1, name="towers")
     logits = towers(mixed, train)[..., 0]  # [S, B]
     return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)

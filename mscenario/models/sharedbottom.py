@@ -15,8 +15,10 @@ from mscenario.models.registry import register
 class SharedBottom(ScenarioModel):
   """Bottom MLP(`hidden`) shared; tower_s = MLP(`tower_hidden`) -> 1 for scenario s.
 
-  All towers run on every row (towers are small) and each row keeps its own scenario's
-  logit, so a tower's parameters only ever affect its own scenario's predictions.
+  All towers run on every row (towers are small; their BatchNorm statistics are over the
+  whole batch) and each row keeps its own scenario's logit, so a tower's parameters only
+  ever affect its own scenario's predictions. The towers all read the bottom's output, so
+  their first layers are one wide matmul (StackedMLP; params as S vmapped copies).
   """
   tower_hidden: Sequence[int] = (64,)
 
@@ -24,7 +26,7 @@ class SharedBottom(ScenarioModel):
   def __call__(self, batch: dict, train: bool = False) -> jax.Array:
     x = self.inputs(batch)
     h = self.mlp(self.hidden, name="bottom")(x, train)
-    s = self.num_scenarios
-    towers = self.stacked_mlp(s, self.tower_hidden, output_dim=1, name="towers")
-    logits = towers(jnp.broadcast_to(h, (s,) + h.shape), train)[..., 0]  # [S, B]
-    return select_scenario(logits.T, batch["scenario"]).astype(jnp.float32)
+    towers = self.parallel_mlps(self.num_scenarios, self.tower_hidden, output_dim=1,
+                                name="towers")
+    logits = towers(h, train)[..., 0]  # [B, S]
+    return select_scenario(logits, batch["scenario"]).astype(jnp.float32)
