@@ -9,8 +9,6 @@ raises the project's user error naming file, line and field; any other exception
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import re
@@ -235,7 +233,7 @@ RECBOLE_TYPES = {"token": "str", "token_seq": "seq", "float": "float", "float_se
 def recbole_kinds(names):
   kinds = []
   for head in names:
-    base, _, typ = head.partition(":")
+    typ = head.partition(":")[2]
     if typ not in RECBOLE_TYPES:
       raise ValueError(head)
     kinds.append(RECBOLE_TYPES[typ])
@@ -409,7 +407,7 @@ def parquet_case(draw):
   cols = {}
   for name in ("user_id", "price", "tags", "x"):
     kind = draw(st.sampled_from(sorted(PARQUET_TYPES)))
-    typ, values = PARQUET_TYPES[kind]
+    values = PARQUET_TYPES[kind][1]
     cols[name] = (kind, draw(st.lists(values, min_size=n, max_size=n)))
   corrupt = draw(st.sampled_from([None, None, None, "truncate", "garbage"]))
   return cols, corrupt, draw(st.sampled_from(["raise", "skip"])), draw(st.binary(max_size=64))
