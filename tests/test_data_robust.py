@@ -330,3 +330,18 @@ def test_two_processes_preparing_the_same_cache(tmp_path):
     # Nobody's copy was deleted under them: the one each loaded is the one left.
     assert a["ino"] == a["after"] == b["ino"] == b["after"]
     assert not [f for f in a["files"] if f.startswith(".")]  # no temp dirs left behind
+
+
+def test_parquet_integers_beyond_2_53_in_a_dense_column(tmp_path):
+  """Found by the fuzzer: pyarrow's safe cast refused them with a traceback."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = tmp_path / "t.parquet"
+  pq.write_table(pa.table({"user_id": ["a", "b"], "price": pa.array([2**53 + 1, 3]),
+                           "n": pa.array([2**62, 1])}), path)
+  c = config_lib.base_config().data
+  c.source, c.name, c.table.train = "table", "p", str(path)
+  c.features = ConfigDict({"price": {"kind": "dense", "column": "price"}})
+  t = load_source(c)
+  assert t.columns["price"].tolist() == [float(2**53 + 1), 3.0]
+  assert t.columns["n"].tolist() == [float(2**62), 1.0]

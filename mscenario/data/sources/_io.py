@@ -316,8 +316,8 @@ def cast_float(frame: Frame, name: str, policy: Policy) -> Frame:
   """Column `name` as float64 (missing markers -> NaN); unparsable rows go to `policy`."""
   col = frame.column(name)
   if pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(
-      col.type):
-    frame.set_column(name, pc.cast(col, pa.float64()), "float")
+      col.type):  # integers beyond 2**53 round to the nearest float64, as documented
+    frame.set_column(name, pc.cast(col, pa.float64(), safe=False), "float")
     return frame
   if not pa.types.is_string(col.type):  # decimal, large_string, dates (Parquet): as text
     try:
@@ -466,7 +466,8 @@ def float_numpy(col) -> np.ndarray:
   """Arrow numbers -> float64 with NaN for missing."""
   if isinstance(col, pa.ChunkedArray):
     col = col.combine_chunks()
-  return pc.cast(col, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+  return pc.cast(col, pa.float64(), safe=False).fill_null(np.nan).to_numpy(
+      zero_copy_only=False)
 
 
 def frame_numpy(frame: Frame) -> dict[str, np.ndarray]:
