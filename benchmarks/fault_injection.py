@@ -47,8 +47,8 @@ def main():
   print(f"uninterrupted run: {seconds:.1f}s (warm compilation cache); reference is "
         "reproducible bit for bit", flush=True)
   report = {"config": ARGS, "uninterrupted_seconds": seconds}
-  for name, sig, count in (("sigkill", signal.SIGKILL, args.kills),
-                           ("sigterm", signal.SIGTERM, args.terms)):
+  for name, sig, count in (("sigterm", signal.SIGTERM, args.terms),
+                           ("sigkill", signal.SIGKILL, args.kills)):
     if count <= 0:
       continue
     report[name] = faults.campaign(SYNTHETIC, os.path.join(root, name), ref, ARGS, cache,
