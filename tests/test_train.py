@@ -59,6 +59,10 @@ def test_outputs_and_report(trained):
   train_lines = [l for l in lines if "loss" in l]
   assert train_lines and all({"step", "loss", "examples_per_sec"} <= set(l) for l in train_lines)
   assert any("valid_auc" in l for l in lines)
+  valid = [l for l in lines if "valid_auc" in l]
+  assert all({f"valid_auc/{s}" for s in ("s0", "s1", "s2")} <= set(l) for l in valid)
+  hparams = os.path.join(workdir, "tensorboard", "hparams")  # the HParams view's run
+  assert any(f.startswith("events.out") for f in os.listdir(hparams))
   versions = json.load(open(os.path.join(workdir, "versions.json")))
   assert {"jax", "flax", "optax", "numpy"} <= set(versions)
 

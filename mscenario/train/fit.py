@@ -113,6 +113,30 @@ class Logger:
       self.tb.close()
 
 
+def write_hparams(wd: workdir_lib.WorkDir, config, results: dict) -> None:
+  """The run's hyperparameters beside its final metrics in TensorBoard's HParams view, so
+  runs of a sweep can be compared there (process 0; skipped without tensorboardX)."""
+  if jax.process_index() != 0:
+    return
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return
+  from mscenario.flat import flatten
+  flat = flatten(json.loads(json.dumps(config.to_dict(), default=str)), sep=".")
+  hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+             for k, v in flat.items()
+             if k.split(".")[0] in ("model", "train", "seed")}
+  metrics = {"hparams/test_auc": results["overall"]["auc"],
+             "hparams/test_logloss": results["overall"]["logloss"],
+             "hparams/best_valid_auc": results.get("valid_auc") or float("nan")}
+  for name, r in results.get("scenarios", {}).items():
+    if isinstance(r.get("auc"), float):
+      metrics[f"hparams/test_auc/{name}"] = r["auc"]
+  with SummaryWriter(wd.file("tensorboard")) as writer:
+    writer.add_hparams(hparams, metrics, name="hparams")
+
+
 # ---------------------------------------------------------------------------- batch sources
 class HostBatches:
   """One step per call on batches built on the host and prefetched onto the devices.

@@ -443,8 +443,10 @@ def train(config, workdir: str, *, log=print) -> dict:
     epoch = p["epoch"] - 1
     result = evaluate_split(setup, state, "valid")
     auc = result["overall"]["auc"]
+    per_scenario = {f"valid_{m}/{name}": r[m] for name, r in result["scenarios"].items()
+                    for m in ("auc", "logloss") if isinstance(r.get(m), float)}
     logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
-                  "valid_logloss": result["overall"]["logloss"]})
+                  "valid_logloss": result["overall"]["logloss"], **per_scenario})
     log(f"epoch {epoch + 1}: valid AUC {auc:.4f}  LogLoss {result['overall']['logloss']:.4f}")
     p["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
     improved = auc > p["best_auc"]
@@ -474,6 +476,7 @@ def train(config, workdir: str, *, log=print) -> dict:
     return {}
   results = final_report(setup, ckpts, wd.path, log)
   ckpts.close()
+  fit_lib.write_hparams(wd, config, results)
   return results
 
 
