@@ -40,7 +40,7 @@ def base_config() -> ConfigDict:
 
   # ---- data ---------------------------------------------------------------------------
   c.data = ConfigDict()
-  c.data.source = "movielens"      # movielens | recbole | table | synthetic
+  c.data.source = "movielens"      # movielens | recbole | table | tfds | synthetic
   c.data.name = "ml-1m"            # ml-1m | ml-100k for movielens; atomic file stem for recbole
   c.data.root = ""                 # dir holding the files; "" = <default_data_dir()>/<name>
   c.data.layout = "auto"           # movielens: auto | grouplens | recbole
@@ -53,6 +53,15 @@ def base_config() -> ConfigDict:
   c.data.table.test = ""
   c.data.table.columns = ConfigDict()  # e.g. {'user_id': 'uid', 'label': 'click'}
   c.data.table.delimiter = ","
+  # TFDS source: a dataset prepared in array_record format, read with random access through
+  # tfds (no TensorFlow needed at read time; nothing is downloaded or built).
+  c.data.tfds = ConfigDict()
+  c.data.tfds.name = ""            # 'my_dataset', 'my_dataset/config:1.0.0'; "" = data_dir is
+                                   # the prepared version dir (the one with dataset_info.json)
+  c.data.tfds.data_dir = ""        # where it was prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.tfds.splits = ("train",)  # one split (divided by data.split) or three: train, valid,
+                                   # test, e.g. ('train', 'validation', 'test'); slices work
+  c.data.tfds.columns = ConfigDict()  # canonical name -> feature name, as data.table.columns
   # Features: name -> spec. kind in sparse | dense | multi | text.
   #   sparse: column, min_count (rarer values -> OOV), hash_buckets (0 = vocabulary)
   #   dense:  column, default (for missing), normalize (standard | minmax | none)

@@ -55,12 +55,16 @@ class PreparedData:
 # ---------------------------------------------------------------------------- fingerprint
 def source_files(data_cfg) -> list[str]:
   """Files a source reads, resolved exactly as the reader resolves them (the synthetic
-  source has none)."""
+  source has none; tfds: the array_record shards of the configured splits and the dataset's
+  dataset_info.json / features.json, so a rebuilt dataset invalidates the cache)."""
   if data_cfg.source == "synthetic":
     return []
   if data_cfg.source == "table":
     from mscenario.data.sources.tabular import table_paths
     return [p for _, p in table_paths(data_cfg)]
+  if data_cfg.source == "tfds":  # the shards of the splits read + dataset_info.json
+    from mscenario.data.sources.tfds import source_files as tfds_files
+    return tfds_files(data_cfg)
   root = resolve_root(data_cfg)
   if not os.path.isdir(root):
     raise DataError(f"data directory {root} does not exist. Get the data with "

@@ -9,7 +9,7 @@ import os
 from mscenario.data.table import RawTable
 from mscenario.errors import ConfigError
 
-SOURCES = ("movielens", "recbole", "table", "synthetic")
+SOURCES = ("movielens", "recbole", "table", "tfds", "synthetic")
 
 
 def resolve_root(data_cfg) -> str:
@@ -49,6 +49,9 @@ def load_source(data_cfg) -> RawTable:
   if source == "table":
     from mscenario.data.sources.tabular import load_table
     return load_table(data_cfg)
+  if source == "tfds":
+    from mscenario.data.sources.tfds import load_tfds  # imports tensorflow_datasets
+    return load_tfds(data_cfg)
   if source == "synthetic":
     synthetic = importlib.import_module("mscenario.data.synthetic")  # imported only when used
     return synthetic.load_raw(data_cfg)
