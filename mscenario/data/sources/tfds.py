@@ -3,8 +3,9 @@
 Read through TFDS's random-access data source (`builder.as_data_source`, which is what
 `tfds.data_source` returns): array_record files, no TensorFlow at read time. Records are
 fetched in blocks as raw bytes and decoded here, field by field, straight from the
-`tf.train.Example` protos: TFDS's own per-record `ds[i]` is ~1.4k records/s on one core and its
-batched decode ~18k/s, this path ~75k/s (BENCHMARKS.md, "TFDS source read rate").
+`tf.train.Example` protos: TFDS's own per-record `ds[i]` is ~1.5k records/s on one core and its
+batched decode ~22k/s, this path ~70k/s (BENCHMARKS.md, "TFDS source read rate"). A wrong-typed
+sequence feature reads as empty on this fast path; wrong-typed or missing scalars are caught.
 
 Columns: every top-level feature whose stored form is its value (Text, scalars, ClassLabel as its
 integer, 1-D Tensors / Sequences of those); others (images, encoded tensors, nested dicts) are
