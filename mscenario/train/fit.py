@@ -348,19 +348,21 @@ class _Pending:
 def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, meta,
         end_of_epoch=None, stop_after_steps: int = -1, checkpoint_every: int = 0,
         log_every: int = 50, extra_record: dict | None = None, desc: str = "epoch",
-        preemptible: bool = True):
+        preemption: "Preemption | None" = None):
   """Train from `progress` ({'epoch', 'batch', …}) until `epochs` are done, the hook sets
   progress['stopped'], or `stop_after_steps` is reached. Returns (state, progress);
   progress['finished'] is set when the epochs ran out (or early stopping ended them).
 
   end_of_epoch(state, progress, step, epoch_loss) runs after progress moved to the next
   epoch: it validates and saves. `meta(progress)` is what checkpoints record.
+  preemption: an entered Preemption (the caller's, so a SIGTERM during start-up counts too):
+  on SIGTERM, save at the next call boundary and raise Preempted. None: not preemptible
+  (SIGTERM keeps its default effect).
   """
-  with Preemption() as preemption:
-    return _fit(setup, state, progress, source, preemption, epochs=epochs, ckpts=ckpts,
-                logger=logger, meta=meta, end_of_epoch=end_of_epoch,
-                stop_after_steps=stop_after_steps, checkpoint_every=checkpoint_every,
-                log_every=log_every, extra_record=extra_record, desc=desc)
+  return _fit(setup, state, progress, source, preemption, epochs=epochs, ckpts=ckpts,
+              logger=logger, meta=meta, end_of_epoch=end_of_epoch,
+              stop_after_steps=stop_after_steps, checkpoint_every=checkpoint_every,
+              log_every=log_every, extra_record=extra_record, desc=desc)
 
 
 def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, meta,

@@ -389,7 +389,15 @@ def load_data(config, log=print) -> PreparedData:
 
 
 def train(config, workdir: str, *, log=print) -> dict:
-  """Train (or resume) in `workdir`; returns the test results dict (also results.json)."""
+  """Train (or resume) in `workdir`; returns the test results dict (also results.json).
+
+  SIGTERM (preemption) at any point after start-up: the loop saves at its next step boundary
+  (or, once training is done, before the final report) and fit.Preempted is raised."""
+  with fit_lib.Preemption() as preemption:
+    return _train(config, workdir, preemption, log=log)
+
+
+def _train(config, workdir: str, preemption, *, log=print) -> dict:
   distributed.maybe_initialize(config.distributed)
   wd = workdir_lib.WorkDir(workdir)
   os.makedirs(wd.path, exist_ok=True)
@@ -467,13 +475,18 @@ def train(config, workdir: str, *, log=print) -> dict:
     state, progress = fit_lib.fit(
         setup, state, progress, source, epochs=tc.epochs, ckpts=ckpts, logger=logger,
         meta=meta, end_of_epoch=end_of_epoch, stop_after_steps=tc.stop_after_steps,
-        checkpoint_every=tc.checkpoint_every_steps, log_every=tc.log_every_steps)
+        checkpoint_every=tc.checkpoint_every_steps, log_every=tc.log_every_steps,
+        preemption=preemption)
   finally:
     ckpts.wait()
     logger.close()
   if tc.stop_after_steps >= 0 and not progress.get("finished"):
     ckpts.close()
     return {}
+  if preemption.flag:  # arrived after the last step: training is saved, the report is not
+    ckpts.close()
+    raise fit_lib.Preempted("preempted (SIGTERM) after the last training step (checkpoint "
+                            "saved); run the same command to write the final report")
   results = final_report(setup, ckpts, wd.path, log)
   ckpts.close()
   fit_lib.write_hparams(wd, config, results)

@@ -150,7 +150,7 @@ def update_table(workdir: str, table, *, config=None, transform=None,
           epochs=epochs, ckpts=ckpts, logger=logger, meta=lambda p: meta,
           end_of_epoch=lambda state, p, step, loss: epoch_loss.append(loss),
           log_every=tc.log_every_steps, extra_record={"update": index},
-          desc=f"update {index}: epoch", preemptible=False)
+          desc=f"update {index}: epoch")
     finally:
       logger.close()
     step_to = int(state.step)
