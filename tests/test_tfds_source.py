@@ -115,6 +115,7 @@ def test_fingerprint_covers_shards_and_dataset_info(built, tmp_path):
       f"{NAME}-{s}.array_record-00000-of-00001" for s in SIZES)
   before = fingerprint(cfg)
   assert fingerprint(cfg) == before
+  assert fingerprint(data_cfg(built)) == before  # the same dataset elsewhere: same cache
   shard = next(p for p in data_dir.rglob(f"{NAME}-test.array_record-*"))
   _rewrite(shard, {3: _serialize(example("test", 4))})  # same count, other content
   assert fingerprint(cfg) != before

@@ -96,6 +96,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
   # Where the files live and how batches reach the devices do not change the arrays.
   for k in ("root", "cache_dir", "on_device", "device_budget_mb", "allow_changed_data"):
     cfg.pop(k, None)
+  if isinstance(cfg.get("tfds"), dict):  # its files' contents are hashed below, not its path
+    cfg["tfds"].pop("data_dir", None)
   for k, off in (("cold_items", 0.0), ("holdout_scenario", ""),
                  ("reserve_fraction", 0.0)):  # off: caches stay valid
     if cfg.get(k, off) == off:
