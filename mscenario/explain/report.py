@@ -16,12 +16,10 @@ def _clean(x):
   return [_clean(v) for v in a] if a.ndim else (None if not np.isfinite(a) else float(a))
 
 
-def _gates(run, explainer, arrays, idx, batch_size: int):
-  """{gate name: [S, E] mean gate of each scenario's rows}, from the explained rows."""
+def _batches(explainer, arrays, idx, batch_size: int):
+  """(batch with its embedding rows, real row count) per fixed-size batch of rows `idx`; the
+  last batch is padded with copies of its first row (one compiled shape)."""
   from mscenario.explain.attribute import _batch
-  fn = internals.make_gate_fn(run.setup.model)
-  s = run.setup.model.schema.num_scenarios
-  sums, counts = {}, np.zeros(s)
   for lo in range(0, len(idx), batch_size):
     part = idx[lo: lo + batch_size]
     real = len(part)
@@ -29,6 +27,15 @@ def _gates(run, explainer, arrays, idx, batch_size: int):
       part = np.concatenate([part, np.full(batch_size - real, part[0])])
     batch = {k: jnp.asarray(v) for k, v in _batch(arrays, part).items()}
     batch["embedding_rows"] = explainer.gather(batch)
+    yield batch, real
+
+
+def _gates(run, explainer, arrays, idx, batch_size: int):
+  """{gate name: [S, E] mean gate of each scenario's rows}, from the explained rows."""
+  fn = internals.make_gate_fn(run.setup.model)
+  s = run.setup.model.schema.num_scenarios
+  sums, counts = {}, np.zeros(s)
+  for batch, real in _batches(explainer, arrays, idx, batch_size):
     gates = fn(run.state.params, run.state.model_state, batch)
     onehot = np.eye(s)[np.asarray(batch["scenario"][:real]).astype(np.int64)]  # [B, S]
     for name, g in gates.items():
@@ -41,7 +48,6 @@ def _gates(run, explainer, arrays, idx, batch_size: int):
 
 def _star(run, explainer, arrays, idx, batch_size: int):
   """Shared network alone vs full logits per scenario (None: no scenario factors)."""
-  from mscenario.explain.attribute import _batch
   from mscenario.explain.integrated import make_logits_fn
   import jax
   shared_params = internals.identity_params(run.state.params, explainer.baseline.context)
@@ -49,13 +55,7 @@ def _star(run, explainer, arrays, idx, batch_size: int):
     return None
   fn = jax.jit(make_logits_fn(run.setup.model))
   full, shared = [], []
-  for lo in range(0, len(idx), batch_size):
-    part = idx[lo: lo + batch_size]
-    real = len(part)
-    if real < batch_size:
-      part = np.concatenate([part, np.full(batch_size - real, part[0])])
-    batch = {k: jnp.asarray(v) for k, v in _batch(arrays, part).items()}
-    batch["embedding_rows"] = explainer.gather(batch)
+  for batch, real in _batches(explainer, arrays, idx, batch_size):
     full.append(np.asarray(fn(run.state.params, run.state.model_state, batch))[:real])
     shared.append(np.asarray(fn(shared_params, run.state.model_state, batch))[:real])
   full, shared = np.concatenate(full), np.concatenate(shared)
