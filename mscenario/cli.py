@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from mscenario.errors import MscenarioError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL; the same as mscenario.train.fit.Preempted.EXIT_CODE
 
 
 def _split_overrides(argv):
@@ -32,10 +36,27 @@ def _load_config(args, overrides):
   return wd.read_config(overrides)
 
 
+class _PreemptedEarly(Exception):
+  """SIGTERM before training started (imports, data preparation, compilation): nothing to save."""
+
+
+def _preempted_early(signum, frame):
+  raise _PreemptedEarly("preempted (SIGTERM) before the first training step: nothing needed "
+                        "saving; run the same command to start (or resume)")
+
+
 def cmd_train(args, overrides):
-  from mscenario.train.loop import train
-  config = _load_config(args, overrides)
-  train(config, args.workdir)
+  # Until the trainer installs its own handler (which saves at the next step boundary), a
+  # SIGTERM ends start-up with the same message style and exit status as a preemption.
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _preempted_early) if main_thread else None
+  try:
+    from mscenario.train.loop import train
+    config = _load_config(args, overrides)
+    train(config, args.workdir)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_eval(args, overrides):
@@ -115,12 +136,15 @@ def main(argv=None) -> int:
   except MscenarioError as e:
     print(f"mscenario: error: {e}", file=sys.stderr)
     return 2
+  except _PreemptedEarly as e:
+    print(f"mscenario: {e}", file=sys.stderr)
+    return EXIT_PREEMPTED
   except Exception as e:  # noqa: BLE001 -- only the preemption exit is handled here
     from mscenario.train.fit import Preempted
     if not isinstance(e, Preempted):
       raise
     print(f"mscenario: {e}", file=sys.stderr)
-    return Preempted.EXIT_CODE
+    return EXIT_PREEMPTED
   except KeyboardInterrupt:
     print("mscenario: interrupted; the work dir keeps the last checkpoint (run the same "
           "command to resume)", file=sys.stderr)

@@ -80,8 +80,8 @@ def run_with_faults(config, workdir, args, cache_dir, *, kills: int, window: flo
     codes.append(proc.returncode)
     if proc.returncode == 0:
       return {"kills": delivered, "lives": lives, "phases": phases, "exit_codes": codes}
-    # SIGTERM before the trainer installed its handler (during start-up) ends the process
-    # the default way; after, the trainer saves and exits 75.
+    # SIGTERM in the first milliseconds (the interpreter importing the CLI) ends the process
+    # the default way; from the train command's start on, it exits 75 (saving if it trained).
     expected = {signal.SIGKILL: (-signal.SIGKILL,), signal.SIGTERM: (75, -signal.SIGTERM)}[sig]
     if proc.returncode not in expected:
       raise AssertionError(f"life {lives} ended with exit code {proc.returncode}, expected "
