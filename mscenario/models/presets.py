@@ -5,6 +5,10 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 MODEL_SIZES = {
+    # Chosen on the measured quality/speed frontier (BENCHMARKS §15): bottom (256,), towers
+    # (32,) train 1.7x faster than (256, 128) / (64,) on ML-1M at 0.8106 ± 0.0006 test AUC
+    # (vs 0.8101 ± 0.0008 for the larger sizes, same code, seeds 2022-2024).
+    "sharedbottom": {"hidden": (256,), "tower_hidden": (32,)},
     "m2m": {"num_experts": 4, "expert_hidden": (256,), "meta_dim": 32, "tower_hidden": (64,)},
     # STAR layer, then the LayerNorm MLP (the reference implementation's sizes).
     "m3oe": {"hidden": (128, 64), "num_experts": 4, "expert_hidden": (64, 32)},
