@@ -251,8 +251,16 @@ def test_tpu_vm_detached_run_on_a_fake_worker(tmp_path, ignore_term):
   files = tmp_path / "mscenario-logs"
   log, pidf, exitf = (files / f"worker-{host}.{x}" for x in ("log", "pid", "exit"))
   # The "ssh session": the start command in a session of its own that stays open, then hangs up.
-  ssh = subprocess.Popen(["bash", "-c", start + "; sleep 60"], env=env, start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # SIGHUP's default action for the child: a runner started under nohup would hand SIG_IGN
+  # down, and then neither the "dropped connection" below nor the run's survival would mean
+  # much. (Set around the spawn, not in a preexec_fn: forking a JAX process is unsafe.)
+  hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  try:
+    ssh = subprocess.Popen(["bash", "-c", start + "; sleep 60"], env=env,
+                           start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGHUP, hup)
   try:
     deadline = time.time() + 20
     while not (log.exists() and "step 2" in log.read_text()) and time.time() < deadline:

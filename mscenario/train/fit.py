@@ -55,10 +55,12 @@ class Preemption:
     self.flag = False
     self.calls = 0
     self._previous = None
-    self.multi = jax.process_count() > 1
 
   def __enter__(self):
-    if not self.multi and threading.current_thread() is threading.main_thread():
+    # Not jax.process_count() here: entered before jax.distributed.initialize, which must
+    # come before anything initialises the backend. Once JAX's preemption service starts
+    # (several processes) it takes SIGTERM over at the OS level.
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
     return self
 
@@ -72,7 +74,7 @@ class Preemption:
 
   def requested(self) -> bool:
     self.calls += 1
-    if self.multi:
+    if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       try:
         return multihost_utils.reached_preemption_sync_point(self.calls)
