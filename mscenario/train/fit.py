@@ -152,16 +152,9 @@ class HostBatches:
   def __init__(self, setup, it: pipeline.BatchIterator, prefetch: int):
     self.setup, self.it, self.prefetch = setup, it, prefetch
     self.num_batches, self.global_batch_size = it.num_batches, it.global_batch_size
-    index_sharding = NamedSharding(setup.mesh, P(None, "data"))
     local = np.arange(it.local_batch_size, dtype=np.int32) + it.process_index * it.local_batch_size
-    self._rows = jax.make_array_from_process_local_data(index_sharding, local[None])
-    keys = column_keys(setup)
-    self._multi = jax.jit(
-        _multi_step(setup.step_fn, setup.batch_shardings),
-        in_shardings=(setup.state_shardings, {k: setup.batch_shardings[k] for k in keys},
-                      index_sharding, index_sharding, mesh_lib.replicated(setup.mesh)),
-        out_shardings=(setup.state_shardings, mesh_lib.replicated(setup.mesh)),
-        static_argnums=5, donate_argnums=0)
+    self._rows = jax.make_array_from_process_local_data(index_sharding(setup.mesh), local[None])
+    self._multi = scanned_steps(setup, {k: setup.batch_shardings[k] for k in column_keys(setup)})
     self._zero = jnp.zeros((), jnp.int32)
     self._batches = None
 
@@ -213,25 +206,22 @@ def use_device(setup) -> bool:
 def device_predict(setup, state, it: pipeline.BatchIterator) -> np.ndarray:
   """Probabilities of every batch of `it` (unshuffled, last batch padded) in one call: the
   batches' rows are gathered on the devices from the resident columns."""
-  index_sharding = NamedSharding(setup.mesh, P(None, "data"))
   if "eval_rows" not in setup.cache:
     rep = mesh_lib.replicated(setup.mesh)
     eval_fn, shardings = setup.eval_fn, setup.batch_shardings
 
     def eval_rows(params, model_state, embed, columns, rows):
-      def one(r):
-        batch = {k: jnp.take(c, r, axis=0) for k, c in columns.items()}
-        batch = jax.lax.with_sharding_constraint(batch, {k: shardings[k] for k in batch})
-        return eval_fn(params, model_state, embed, batch)
-      return jax.lax.map(one, rows)
+      return jax.lax.map(
+          lambda r: eval_fn(params, model_state, embed, _gather(columns, r, shardings)), rows)
 
     ss = setup.state_shardings
     setup.cache["eval_rows"] = jax.jit(
         eval_rows, in_shardings=(ss.params, ss.model_state, ss.embed,
-                                 {k: rep for k in column_keys(setup)}, index_sharding),
+                                 {k: rep for k in column_keys(setup)},
+                                 index_sharding(setup.mesh)),
         out_shardings=rep)
   rows, _ = it.epoch_rows(0)
-  rows = jax.make_array_from_process_local_data(index_sharding, rows)
+  rows = jax.make_array_from_process_local_data(index_sharding(setup.mesh), rows)
   probs = setup.cache["eval_rows"](state.params, state.model_state, state.embed,
                                    device_columns(setup), rows)
   return np.asarray(probs).reshape(-1)
@@ -246,16 +236,10 @@ class DeviceBatches:
     self.setup, self.it = setup, it
     self.max_steps_per_call = steps_per_call
     self.num_batches, self.global_batch_size = it.num_batches, it.global_batch_size
-    mesh = setup.mesh
-    rep = mesh_lib.replicated(mesh)
-    self.keys = column_keys(setup)
+    rep = mesh_lib.replicated(setup.mesh)
     self.columns = device_columns(setup)
-    self.index_sharding = NamedSharding(mesh, P(None, "data"))
-    self._multi = jax.jit(
-        _multi_step(setup.step_fn, setup.batch_shardings),
-        in_shardings=(setup.state_shardings, {k: rep for k in self.keys},
-                      self.index_sharding, self.index_sharding, rep),
-        out_shardings=(setup.state_shardings, rep), static_argnums=5, donate_argnums=0)
+    self.index_sharding = index_sharding(setup.mesh)
+    self._multi = scanned_steps(setup, {k: rep for k in self.columns})
     self._rows = self._weight = None
     self._pos = 0
 
@@ -284,20 +268,37 @@ def upload_replicated(array: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def _multi_step(step_fn, batch_shardings):
+def index_sharding(mesh) -> NamedSharding:
+  """[batches, batch] row indices: each device holds the rows of its share of every batch."""
+  return NamedSharding(mesh, P(None, "data"))
+
+
+def _gather(columns: dict, rows: jax.Array, shardings: dict) -> dict:
+  """One batch's rows of every column, laid out as the step expects (split over 'data')."""
+  batch = {k: jnp.take(c, rows, axis=0) for k, c in columns.items()}
+  return jax.lax.with_sharding_constraint(batch, {k: shardings[k] for k in batch})
+
+
+def scanned_steps(setup, column_shardings: dict):
+  """jit of (state, columns, rows, weight, start, n) -> n steps from batch `start`, as a
+  lax.scan of gather-then-step; both batch sources run this one program."""
+  step_fn, shardings = setup.step_fn, setup.batch_shardings
+
   def multi(state, columns, rows, weight, start, n):
     rows = jax.lax.dynamic_slice_in_dim(rows, start, n, axis=0)
     weight = jax.lax.dynamic_slice_in_dim(weight, start, n, axis=0)
 
     def body(state, xs):
       r, w = xs
-      batch = {k: jnp.take(c, r, axis=0) for k, c in columns.items()}
-      batch["weight"] = w
-      batch = jax.lax.with_sharding_constraint(
-          batch, {k: batch_shardings[k] for k in batch})
-      return step_fn(state, batch)
+      return step_fn(state, {**_gather(columns, r, shardings),
+                             "weight": jax.lax.with_sharding_constraint(w, shardings["weight"])})
 
     return jax.lax.scan(body, state, (rows, weight))
+
+  idx, rep = index_sharding(setup.mesh), mesh_lib.replicated(setup.mesh)
+  return jax.jit(multi, in_shardings=(setup.state_shardings, column_shardings, idx, idx, rep),
+                 out_shardings=(setup.state_shardings, rep), static_argnums=5,
+                 donate_argnums=0)
   return multi
 
 
