@@ -249,10 +249,16 @@ def test_uvicorn_limits_connections_headers_and_slow_bodies(model_dir):
         s.close()
     time.sleep(0.2)
     assert httpx.post(f"{url}/v1/predict", json=GOOD, timeout=10).status_code == 200
-    # oversized headers: refused by the HTTP parser, not buffered
-    r = httpx.post(f"{url}/v1/predict", json=GOOD, headers={"x-big": "a" * (1 << 20)},
-                   timeout=10)
-    assert 400 <= r.status_code < 500 or r.status_code == 431, r.status_code
+    # oversized headers: refused by the HTTP parser, not buffered. The parser answers 4xx and
+    # closes; while the client is still sending its 1 MB of header that close can arrive as a
+    # connection reset before the answer is read (seen in CI) -- a refusal too.
+    try:
+      r = httpx.post(f"{url}/v1/predict", json=GOOD, headers={"x-big": "a" * (1 << 20)},
+                     timeout=10)
+      assert 400 <= r.status_code < 500, r.status_code
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+      pass
+    assert httpx.post(f"{url}/v1/predict", json=GOOD, timeout=10).status_code == 200
 
 
 # ---------------------------------------------------------------------------- fuzz (short)
