@@ -202,6 +202,25 @@ def base_config() -> ConfigDict:
   c.train.steps_per_call = 32
   c.train.stop_after_steps = -1    # testing hook: stop (as if killed) after this global step
 
+  # ---- differential privacy (mscenario/train/privacy.py) ---------------------------------
+  # DP-SGD: Poisson-sampled batches, per-unit clipping, Gaussian noise; embedding rows by
+  # DP-AdaFEST row selection (noise only on selected rows); accounted with dp_accounting.
+  c.privacy = ConfigDict()
+  c.privacy.enabled = False
+  c.privacy.epsilon = 0.0          # target epsilon: the noise is calibrated to it; or
+  c.privacy.noise_multiplier = 0.0  # the gradient noise std / clip_norm (give one of the two)
+  c.privacy.delta = 0.0            # 0 = 1/n (n = training rows, or users for unit='user')
+  c.privacy.clip_norm = 1.0        # L2 bound of one unit's gradient (dense params + rows)
+  c.privacy.unit = "example"       # example (one training row) | user (all of a user's rows)
+  c.privacy.max_examples_per_user = 8  # unit='user': rows of a sampled user per step
+  c.privacy.expected_batch_size = 0  # expected units per step (q*n); 0 = slots - 9 sqrt(slots)
+  c.privacy.embed_noise = "sparse"  # sparse (DP-AdaFEST selection) | dense (noise on all rows)
+  c.privacy.selection_noise_ratio = 3.0  # sigma_1 (row-count noise) = this x noise_multiplier
+  c.privacy.selection_clip = 1.0   # L2 bound of one unit's row-count contribution
+  c.privacy.selection_threshold = 0.0  # noisy-count threshold; 0 = ~10 untouched rows/step
+  c.privacy.max_false_positives = 0  # cap on selected untouched rows per step; 0 = auto
+  c.privacy.microbatch = 256       # units whose per-unit gradients are computed at once
+
   # ---- parallelism ----------------------------------------------------------------------
   c.mesh = ConfigDict()
   c.mesh.data = -1                 # -1 = all devices not used by `model`
