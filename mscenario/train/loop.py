@@ -28,6 +28,7 @@ from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import checkpoint as ckpt_lib
 from mscenario.train import fit as fit_lib
+from mscenario.train import privacy as privacy_lib
 from mscenario.train import workdir as workdir_lib
 from mscenario.train.optim import make_optimizer
 from mscenario.train.fit import TrainingDiverged  # noqa: F401  (part of this module's API)
@@ -108,6 +109,7 @@ class Setup:
   step_fn: object = None    # the pure train step (train_step is its jit); fit.py scans it
   eval_fn: object = None    # the pure eval step (eval_step is its jit)
   cache: dict = dataclasses.field(default_factory=dict)  # device-resident columns (fit.py)
+  privacy: object = None    # privacy.Plan when config.privacy.enabled
 
 
 def example_batch(data: PreparedData, size: int) -> dict:
@@ -246,9 +248,13 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
   if id_dropout > 0 and id_slot < 0:
     raise ConfigError("train.item_id_dropout needs a sparse feature on the item field "
                       f"'{config.data.item_field}'")
-  step_fn = make_train_step(model, tx, schema, embed_update,
-                            config.train.embed_learning_rate, config.train.grad_clip_norm,
-                            (id_slot, id_dropout))
+  plan = (privacy_lib.make_plan(config, data, abstract_state.model_state)
+          if config.privacy.enabled else None)
+  step_fn = (privacy_lib.make_private_step(model, tx, schema, embed_update,
+                                           config.train.embed_learning_rate, plan,
+                                           (id_slot, id_dropout)) if plan else
+             make_train_step(model, tx, schema, embed_update, config.train.embed_learning_rate,
+                             config.train.grad_clip_norm, (id_slot, id_dropout)))
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, rep), donate_argnums=0)
   eval_fn = make_eval_step(model, schema)
@@ -261,7 +267,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
   if text_values is not None:
     create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
-               eval_step, abstract, create, step_fn, eval_fn)
+               eval_step, abstract, create, step_fn, eval_fn, privacy=plan)
 
 
 def _with_text_tables(create, values: dict, model_state_shardings):
@@ -420,9 +426,13 @@ def _train(config, workdir: str, preemption, *, log=print) -> dict:
   if batch_size != tc.batch_size:
     raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of the mesh's "
                       f"data axis ({mesh.shape['data']})")
-  train_it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed, shuffle=True,
-                                    drop_last=tc.drop_last, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+  train_it = (privacy_lib.PoissonBatches(setup.privacy, data, seed=config.seed,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+              if setup.privacy else
+              pipeline.BatchIterator(data, "train", batch_size, seed=config.seed, shuffle=True,
+                                     drop_last=tc.drop_last, process_index=jax.process_index(),
+                                     process_count=jax.process_count()))
   ckpts = ckpt_lib.Checkpoints(wd.path, tc.keep_checkpoints)
   restored = ckpts.restore_latest(setup.abstract_state)
   if restored is None:
@@ -510,6 +520,8 @@ def final_report(setup, ckpts, workdir: str, log=print) -> dict:
   results["skipped_rows"] = skipped
   if setup.data.meta.get("cold_items"):
     results["cold_items"] = cold_item_metrics(setup, probs)
+  if setup.privacy is not None:  # every step run counts (later iterates were validated too)
+    results["privacy"] = privacy_lib.report(setup.privacy, ckpts.latest_step() or 0)
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results, indent=2,
                            sort_keys=True)
@@ -518,6 +530,8 @@ def final_report(setup, ckpts, workdir: str, log=print) -> dict:
     log(format_table(results))
     if skipped:
       log(f"skipped input rows: {skipped}")
+    if "privacy" in results:
+      log(privacy_lib.summary_line(results["privacy"]))
     log(f"results: {os.path.join(workdir, 'results.json')}")
   return results
 
