@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -84,8 +85,8 @@ def _write_csv(path, table, rows, rename_users=None):
       w.writerow(row)
 
 
-def _ckpt(workdir):
-  d = os.path.join(workdir, "ckpt")
+def _ckpt(workdir, which="ckpt"):
+  d = os.path.join(workdir, which)
   step = max(int(x) for x in os.listdir(d) if x.isdigit())
   state = ocp.StandardCheckpointer().restore(os.path.join(d, str(step), "state"))
   return step, np.asarray(state["params"]["embedding"]["table"])
@@ -138,6 +139,10 @@ def test_update_grows_trains_and_exports(trained, tmp_path):
   step1, table1 = _ckpt(workdir)
   assert step1 == rec["step_to"] == step0 + 5
   assert np.isfinite(rec["holdout_auc_after"])
+  # Validated on the holdout against best/ (the same rows): promoted into best/ iff better.
+  assert np.isfinite(rec["holdout_auc_best"])
+  assert rec["promoted"] == (rec["holdout_auc_after"] > rec["holdout_auc_best"])
+  assert (_ckpt(workdir, "best")[0] == step1) == rec["promoted"]
 
   # Growth recorded; the first `reserve` new users got the reserved rows, the rest OOV.
   after = Transform(json.load(open(workdir / "transform.json")))
@@ -174,7 +179,19 @@ def test_update_grows_trains_and_exports(trained, tmp_path):
   exported = json.load(open(model_dir / "versions" / "v0002" / "transform.json"))
   assert exported["vocabs"]["user_id"]["added"] == added
   manifest = json.load(open(model_dir / "versions" / "v0002" / "manifest.json"))
-  assert manifest["source"]["step"] == step1
+  assert manifest["source"]["step"] == step1 and manifest["source"]["checkpoint"] == "latest"
+
+  # The same command again: a no-op that finds its export done (no third version).
+  assert cli.main(["update", "--workdir", str(workdir), "--data", str(events), "--out",
+                   str(model_dir), "--buckets", "8", "--holdout", "0.2"]) == 0
+  assert sorted(os.listdir(model_dir / "versions")) == ["v0001", "v0002"]
+  # Killed after the version was renamed into place but before CURRENT moved: the rerun
+  # points CURRENT at it instead of exporting again.
+  (model_dir / "CURRENT").write_text("v0001\n")
+  assert cli.main(["update", "--workdir", str(workdir), "--data", str(events), "--out",
+                   str(model_dir), "--buckets", "8", "--holdout", "0.2"]) == 0
+  assert sorted(os.listdir(model_dir / "versions")) == ["v0001", "v0002"]
+  assert (model_dir / "CURRENT").read_text().strip() == "v0002"
 
 
 def test_update_with_sparse_embedding_updates(tmp_path):
@@ -251,3 +268,53 @@ def test_update_is_idempotent_and_survives_a_crash_before_the_vocabularies(tmp_p
   assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL]) == 0
   kept = json.load(open(workdir / "transform.json"))
   assert kept["vocabs"]["user_id"]["added"] == ["brand-new-user"] and kept["updates"]
+
+
+def _arrays(workdir, which):
+  d = os.path.join(workdir, which)
+  step = max(int(x) for x in os.listdir(d) if x.isdigit())
+  state = ocp.StandardCheckpointer().restore(os.path.join(d, str(step), "state"))
+  return step, [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def _same(a, b):
+  return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+      np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def test_update_keeps_the_validated_best_and_train_and_update_interleave(tmp_path):
+  """best/ is the validated model: an update without --holdout continues only the latest
+  lineage, so eval/predict/export keep the validated model and `train` on the updated work
+  dir reports the same results.json. Then train after update (more epochs: continues the
+  updated model), update after train and update after update chain on one latest lineage."""
+  from mscenario.data import synthetic
+  from mscenario.train.update import update_table
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL]) == 0
+  best0, results0 = _arrays(workdir, "best"), (workdir / "results.json").read_text()
+  table = synthetic.load_raw(load_config(SYNTHETIC, SMALL).data)
+
+  rec1 = update_table(str(workdir), table.take(np.arange(600)))
+  assert not rec1["promoted"] and _ckpt(workdir)[0] == rec1["step_to"] > best0[0]
+  assert _same(_arrays(workdir, "best"), best0)
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL]) == 0
+  assert (workdir / "results.json").read_text() == results0
+  assert _ckpt(workdir)[0] == rec1["step_to"]
+
+  # Train after update: a second epoch on the original data continues the updated model.
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", str(workdir), *SMALL,
+                   "--config.train.epochs=2"]) == 0
+  step2 = _ckpt(workdir)[0]
+  assert step2 == rec1["step_to"] + best0[0]  # one epoch's steps (best0: after epoch 1)
+  kept = json.load(open(workdir / "transform.json"))
+  assert [u["update"] for u in kept["updates"]] == [1]
+  # Update after train, then update after update: each continues the latest step.
+  rec2 = update_table(str(workdir), table.take(np.arange(600, 1200)))
+  rec3 = update_table(str(workdir), table.take(np.arange(1200, 1500)))
+  assert (rec2["update"], rec2["step_from"]) == (2, step2)
+  assert (rec3["update"], rec3["step_from"]) == (3, rec2["step_to"])
+  assert _ckpt(workdir)[0] == rec3["step_to"]
+  records = [json.loads(line) for line in open(workdir / "updates.jsonl")]
+  assert [r["update"] for r in records] == [1, 2, 3]
+  after = json.load(open(workdir / "transform.json"))
+  assert [u["step_to"] for u in after["updates"]] == [r["step_to"] for r in records]

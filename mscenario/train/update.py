@@ -3,17 +3,32 @@
 New values of vocabulary features take rows reserved at fit time (`data.reserve_fraction`),
 so the embedding table, and with it every checkpoint, keeps its shape: the latest state
 (optimizer moments and step included) restores unchanged and the same jitted step trains on.
-The grown vocabularies go to the work dir's transform.json only after the new checkpoint is
-on disk. An update is keyed by a fingerprint of its events (and epochs/holdout), recorded in
-the checkpoint and in transform.json: a rerun after a crash between the two finishes the
-update without training again (the growth is deterministic), and a rerun of a finished update
-is a no-op. With `--out` the result is exported as a new model version, which a running
-server picks up (hot swap).
+
+Two lineages. `ckpt/` (latest) is the one line of training: `train` resumes from it and
+`update` continues it, in any order (train after update continues the updated model; an
+update after a train or another update continues whatever is latest). `best/` is the
+validated model: `train` writes it when validation AUC improves, and an update replaces it
+only when promoted: run with `--holdout`, and its holdout AUC beats the best/ model's on the
+same holdout rows. So `eval`, `predict` and `export` (default `--checkpoint best`) keep the
+validated model; `update --out` and `export --checkpoint latest` export the updated one.
+
+One update is all or nothing, keyed by a fingerprint of its events (and epochs/holdout):
+nothing is saved while it trains (a kill or SIGTERM there leaves the work dir as it was; the
+rerun trains again, deterministically); the trained state is committed in one latest
+checkpoint that records the update; then (promoted only) best/, updates.jsonl and last
+transform.json with the grown vocabularies, each replaced atomically. A rerun after a kill
+between them completes without training again; a rerun of a finished update is a no-op that
+still completes a killed export (`--out`), which a running server then picks up (hot swap).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -22,6 +37,8 @@ from mscenario.errors import ConfigError, MscenarioError
 
 # jax and the training stack are imported inside the functions: the CLI registers this
 # command on every invocation and must stay fast to start.
+
+EXIT_PREEMPTED = 75  # fit.Preempted.EXIT_CODE (not imported: that loads JAX)
 
 
 def load_workdir(workdir: str, overrides=()):
@@ -70,17 +87,18 @@ def events_fingerprint(table, epochs: int, holdout: float) -> str:
 
 def update_table(workdir: str, table, *, config=None, transform=None,
                  epochs: int = 1, holdout: float = 0.0, out: str | None = None,
-                 buckets=None, keep: int = 5, source: str = "", log=print) -> dict:
+                 buckets=None, keep: int = 5, source: str = "", log=print,
+                 preemption=None) -> dict:
   """Grow vocabularies from `table`, train `epochs` over its rows from the latest checkpoint,
-  save a checkpoint (latest and best: eval/predict/export then use the updated model) and,
-  with `out`, export a new model version. Returns the summary dict."""
-  import jax
-  from mscenario.data import pipeline
+  save the result as the latest checkpoint (`best/` only when promoted, see the module
+  docstring) and, with `out`, export it as a new model version. Returns the summary dict.
+
+  preemption: an entered fit.Preemption; on SIGTERM the training stops at the next step
+  boundary without saving and fit.Preempted is raised (the update is all or nothing)."""
   from mscenario.data.prepare import PreparedData
   from mscenario.parallel import mesh as mesh_lib
   from mscenario.train import checkpoint as ckpt_lib
   from mscenario.train import loop
-  from mscenario.train import fit as fit_lib
   from mscenario.train import workdir as workdir_lib
   from mscenario.train.evaluate import _text_tables
   wd = workdir_lib.WorkDir(workdir)
@@ -97,7 +115,10 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   if done:
     log(f"update {done[0]['update']}: these events were already applied (steps "
         f"{done[0]['step_from']} -> {done[0]['step_to']}); nothing to do")
-    return {**done[0], "already_applied": True}
+    result = {**done[0], "already_applied": True}
+    if out:  # a kill during the export: export now (or point CURRENT at the version)
+      result["export"] = _export(wd.path, out, done[0]["step_to"], buckets, keep, log)
+    return result
   index = len(transform.state.get("updates", [])) + 1
   growth = transform.grow(table, index)
   arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
@@ -128,72 +149,168 @@ def update_table(workdir: str, table, *, config=None, transform=None,
       raise MscenarioError(f"{workdir} holds no checkpoint")
     state, meta = restored
     committed = [u for u in meta.get("updates", []) if u.get("fingerprint") == fingerprint]
-    if committed:  # trained and checkpointed, but transform.json was not written: finish
-      log(f"update {index}: the checkpoint already holds these events (a crash came before "
-          "the vocabularies were saved); completing without training again")
-      return _complete(wd, transform, {**committed[0]["record"], "completed_after_crash": True},
-                       out, buckets, keep, t0, log)
-    step_from = int(state.step)
-    before = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
-    batch_size = loop._round_batch(tc.batch_size, mesh)
-    # drop_last=False: every new event is seen (the short last batch is padded with
-    # weight-0 rows, which the loss ignores); the seed differs per update.
-    it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed + 7919 * index,
-                                shuffle=True, drop_last=False,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    logger = fit_lib.Logger(wd, step_from)
-    epoch_loss = []
-    try:
-      state, _ = fit_lib.fit(
-          setup, state, {"epoch": 0, "batch": 0}, fit_lib.make_source(setup, it),
-          epochs=epochs, ckpts=ckpts, logger=logger, meta=lambda p: meta,
-          end_of_epoch=lambda state, p, step, loss: epoch_loss.append(loss),
-          log_every=tc.log_every_steps, extra_record={"update": index},
-          desc=f"update {index}: epoch")
-    finally:
-      logger.close()
-    step_to = int(state.step)
-    after = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
-    record = {"update": index, "source": source, "rows": n, "train_rows": n - n_hold,
-              "holdout_rows": n_hold, "epochs": epochs, "step_from": step_from,
-              "step_to": step_to, "loss": epoch_loss, "skipped": skipped,
-              "growth": growth, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "fingerprint": fingerprint}
-    if n_hold:
-      record["holdout_auc_before"] = before["auc"]
-      record["holdout_auc_after"] = after["auc"]
-    new_meta = {**meta, "updates": [*meta.get("updates", []),
-                                    {"fingerprint": fingerprint, "record": record,
-                                     **{k: record[k] for k in ("update", "rows", "step_from",
-                                                               "step_to")}}]}
-    ckpts.save_latest(step_to, state, new_meta)
-    ckpts.save_best(step_to, state, new_meta)
-    ckpts.wait()
+    if committed:  # trained and checkpointed, then killed before transform.json: finish
+      record = committed[0]["record"]
+      log(f"update {index}: the latest checkpoint already holds these events (the last "
+          "attempt was stopped before it finished); completing without training again")
+      if record.get("promoted"):
+        ckpts.save_best(record["step_to"], state, meta)
+        ckpts.wait()
+    else:
+      record, new_meta, state = _train_update(
+          setup, state, meta, ckpts, wd, data, index=index, epochs=epochs, n_hold=n_hold,
+          fingerprint=fingerprint, preemption=preemption, log=log)
+      record.update(source=source, rows=n, skipped=skipped, growth=growth)
+      new_meta["updates"][-1]["record"] = record
+      # One commit: the latest checkpoint records the update (the rerun's test above). best/
+      # (the validated model) follows only for a promoted update, after that commit.
+      ckpts.save_latest(record["step_to"], state, new_meta)
+      ckpts.latest.wait_until_finished()
+      if record["promoted"]:
+        ckpts.save_best(record["step_to"], state, new_meta)
+      ckpts.wait()
   finally:
     ckpts.close()
-  return _complete(wd, transform, record, out, buckets, keep, t0, log)
-
-
-def _complete(wd, transform, record: dict, out, buckets, keep: int, t0: float, log) -> dict:
-  """The checkpoint is durable: now the vocabularies its new rows belong to (transform.json,
-  replaced atomically, carrying the update's fingerprint), the log, and the export."""
-  import jax
-  from mscenario.train import workdir as workdir_lib
-  transform.state.setdefault("updates", []).append(
-      {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time",
-                              "fingerprint")})
-  if jax.process_index() == 0:
-    workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), transform.state)
-    workdir_lib.append_jsonl(wd.file(workdir_lib.UPDATES), record)
-  record["seconds"] = time.time() - t0
-  _log_summary(record, log)
+  result = _complete(wd, transform, record, t0, log)
+  if committed:
+    result["completed_after_crash"] = True
   if out:
-    from mscenario.serve import DEFAULT_BUCKETS
-    from mscenario.serve import export as export_lib
-    record["export"] = export_lib.export(wd.path, out, buckets=buckets or DEFAULT_BUCKETS,
-                                         checkpoint="latest", keep=keep, log=log)
-  return record
+    result["export"] = _export(wd.path, out, record["step_to"], buckets, keep, log)
+  return result
+
+
+def _train_update(setup, state, meta, ckpts, wd, data, *, index, epochs, n_hold,
+                  fingerprint, preemption, log):
+  """Train the update's epochs; returns (record, meta to commit, state). Nothing is saved
+  here: the caller commits the result in one checkpoint."""
+  import jax
+  from mscenario.data import pipeline
+  from mscenario.train import fit as fit_lib
+  from mscenario.train import loop
+  config, mesh = setup.config, setup.mesh
+  tc = config.train
+  step_from = int(state.step)
+  before = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
+  best_auc = None
+  if n_hold:  # the validated model (best/) on the same holdout: is the update better?
+    best = ckpts.restore_best(setup.abstract_state)
+    if best is not None:
+      best_auc = loop.evaluate_split(setup, best[0], "valid")["overall"]["auc"]
+      del best
+  batch_size = loop._round_batch(tc.batch_size, mesh)
+  # drop_last=False: every new event is seen (the short last batch is padded with
+  # weight-0 rows, which the loss ignores); the seed differs per update.
+  it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed + 7919 * index,
+                              shuffle=True, drop_last=False,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  logger = fit_lib.Logger(wd, step_from)
+  epoch_loss = []
+  try:
+    state, _ = fit_lib.fit(
+        setup, state, {"epoch": 0, "batch": 0}, fit_lib.make_source(setup, it),
+        epochs=epochs, ckpts=_NoSaves(ckpts), logger=logger, meta=lambda p: meta,
+        end_of_epoch=lambda state, p, step, loss: epoch_loss.append(loss),
+        log_every=tc.log_every_steps, extra_record={"update": index},
+        desc=f"update {index}: epoch", preemption=preemption)
+  except fit_lib.Preempted:
+    raise fit_lib.Preempted(
+        f"preempted (SIGTERM) during update {index}: stopped before its checkpoint, nothing "
+        f"was saved (the work dir still holds the model of step {step_from}); run the same "
+        "command to redo the update") from None
+  finally:
+    logger.close()
+  step_to = int(state.step)
+  after = loop.evaluate_split(setup, state, "valid")["overall"] if n_hold else None
+  record = {"update": index, "source": "", "rows": len(data.arrays["label"]),
+            "train_rows": len(data.splits["train"]), "holdout_rows": n_hold,
+            "epochs": epochs, "step_from": step_from, "step_to": step_to, "loss": epoch_loss,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": fingerprint,
+            "promoted": False}
+  if n_hold:
+    record["holdout_auc_before"] = before["auc"]
+    record["holdout_auc_after"] = after["auc"]
+    record["holdout_auc_best"] = best_auc
+    # Promoted: validated on the holdout and better there than the validated model (or
+    # there is no validated model yet). Without a holdout an update is never promoted.
+    record["promoted"] = bool(best_auc is None or after["auc"] > best_auc)
+  new_meta = {**meta, "updates": [*meta.get("updates", []),
+                                  {"fingerprint": fingerprint, "record": record,
+                                   **{k: record[k] for k in ("update", "rows", "step_from",
+                                                             "step_to")}}]}
+  return record, new_meta, state
+
+
+class _NoSaves:
+  """The update's view of the checkpoints inside the training loop: the loop's own saves
+  (a preemption's) do nothing, so a stopped update leaves the latest checkpoint as it was."""
+
+  def __init__(self, ckpts):
+    self._ckpts = ckpts
+
+  def save_latest(self, step, state, meta) -> None:
+    pass
+
+  def wait(self) -> None:
+    pass
+
+  def latest_step(self):
+    return self._ckpts.latest_step()
+
+
+def _complete(wd, transform, record: dict, t0: float, log) -> dict:
+  """The checkpoint is durable: now the update log and the vocabularies its new rows belong
+  to. Both are replaced atomically and rewriting them is idempotent; transform.json (which
+  carries the update's fingerprint) goes last: once it is written the update is done."""
+  import jax
+
+  from mscenario.metrics.plots import read_jsonl
+  from mscenario.train import workdir as workdir_lib
+  if jax.process_index() == 0:
+    path = wd.file(workdir_lib.UPDATES)
+    kept = [r for r in (read_jsonl(path) if os.path.exists(path) else [])
+            if r.get("update") != record["update"]]
+    workdir_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
+    transform.state.setdefault("updates", []).append(
+        {k: record[k] for k in ("update", "source", "rows", "step_from", "step_to", "time",
+                                "fingerprint", "promoted")})
+    workdir_lib.write_json(wd.file(workdir_lib.TRANSFORM), transform.state)
+  result = {**record, "seconds": time.time() - t0}
+  _log_summary(result, log)
+  return result
+
+
+def _export(workdir: str, out: str, step: int, buckets, keep: int, log) -> str:
+  """Export the latest checkpoint (the update's step) as a new version of `out`, unless an
+  earlier attempt already did: a version exported from this work dir at this step is
+  reused, and CURRENT is pointed at it if the kill came before CURRENT moved."""
+  from mscenario.export.format import DEFAULT_BUCKETS
+  from mscenario.export import writer as export_lib
+  from mscenario.export import format as pred_lib
+  from mscenario.train import workdir as workdir_lib
+  out = os.path.abspath(out)
+  vdir = os.path.join(out, pred_lib.VERSIONS_DIR)
+  names = sorted((d for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
+                  if re.fullmatch(r"v\d+", d)), key=lambda d: int(d[1:]))
+  want = {"workdir": workdir, "step": step, "checkpoint": "latest"}
+  for name in reversed(names):
+    try:
+      with open(os.path.join(vdir, name, pred_lib.MANIFEST), encoding="utf-8") as f:
+        if json.load(f).get("source") != want:
+          continue
+    except (OSError, ValueError):
+      continue
+    current_file = os.path.join(out, pred_lib.CURRENT_FILE)
+    current = ""
+    if os.path.exists(current_file):
+      with open(current_file, encoding="utf-8") as f:
+        current = f.read().strip()
+    if not re.fullmatch(r"v\d+", current) or int(current[1:]) < int(name[1:]):
+      workdir_lib.write_text(current_file, name + "\n")
+    log(f"update: {os.path.join(vdir, name)} already holds this update's export")
+    return os.path.join(vdir, name)
+  return export_lib.export(workdir, out, buckets=buckets or DEFAULT_BUCKETS,
+                           checkpoint="latest", keep=keep, log=log)
 
 
 def _log_summary(r: dict, log) -> None:
@@ -216,22 +333,44 @@ def _log_summary(r: dict, log) -> None:
 
 
 def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
-  """`mscenario update` on a CSV/Parquet file of new events."""
-  workdir = os.path.abspath(workdir)
-  config, transform = load_workdir(workdir, overrides)
-  table = read_events(config, data_path)
-  return update_table(workdir, table, config=config, transform=transform,
-                      source=os.path.abspath(data_path), **kwargs)
+  """`mscenario update` on a CSV/Parquet file of new events. SIGTERM (preemption) stops the
+  training at its next step boundary with nothing saved (fit.Preempted, exit 75); once the
+  trained update is being committed, the commit finishes first."""
+  from mscenario.train import fit as fit_lib
+  with fit_lib.Preemption() as preemption:
+    workdir = os.path.abspath(workdir)
+    config, transform = load_workdir(workdir, overrides)
+    table = read_events(config, data_path)
+    result = update_table(workdir, table, config=config, transform=transform,
+                          source=os.path.abspath(data_path), preemption=preemption, **kwargs)
+    if preemption.flag:
+      print(f"update {result['update']}: SIGTERM arrived while the update was being "
+            "committed; it completed first", file=sys.stderr)
+    return result
+
+
+def _preempted_at_start(signum, frame):
+  print("mscenario: preempted (SIGTERM) while `update` was starting: nothing was written; run "
+        "the same command to update", file=sys.stderr)
+  raise SystemExit(EXIT_PREEMPTED)
 
 
 def cmd_update(args, overrides):
-  update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
-         holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep)
+  # Until update() installs the preemption handler (after importing the training stack), a
+  # SIGTERM ends start-up the way a preemption does (exit 75), not by the default action.
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _preempted_at_start) if main_thread else None
+  try:
+    update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
+           holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def add_cli(subparsers) -> None:
   """Adds `update` to the top-level `mscenario` parser."""
-  from mscenario.serve import _buckets
+  from mscenario.export.format import parse_buckets as _buckets
   u = subparsers.add_parser(
       "update", help="continue a work dir's latest checkpoint on new events (vocabularies "
                      "grow into reserved rows) and optionally export a new model version")
