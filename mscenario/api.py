@@ -17,10 +17,15 @@ import os
 import tempfile
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mscenario import config as config_lib
 from mscenario.errors import MscenarioError
+from mscenario.export import writer as export_lib
+from mscenario.export.format import DEFAULT_BUCKETS
 from mscenario.train import evaluate as evaluate_lib
 from mscenario.train import loop
 from mscenario.train import workdir as workdir_lib
@@ -92,8 +97,6 @@ class Run:
     (data.on_error=skip) are left out; the default policy raises naming the row."""
     if isinstance(rows, (str, os.PathLike)):
       return evaluate_lib.score_file(self.config, self.path, os.fspath(rows)).probs
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
       table = pa.Table.from_pandas(rows, preserve_index=False)
     elif isinstance(rows, Mapping):
@@ -110,16 +113,12 @@ class Run:
   def export(self, out_dir: str, *, buckets: Sequence[int] | None = None,
              checkpoint: str = "best", keep: int = 5, log=print) -> str:
     """A new servable version in `out_dir` (what `mscenario serve` loads); its path."""
-    from mscenario.serve import DEFAULT_BUCKETS
-    from mscenario.serve import export as export_lib
     return export_lib.export(self.path, out_dir, buckets=tuple(buckets or DEFAULT_BUCKETS),
                              checkpoint=checkpoint, keep=keep, log=log)
 
   def state(self, which: str = "best") -> dict:
     """Trainable parameters (embedding table included) of the best or latest checkpoint,
     as a pytree of numpy arrays."""
-    import jax
-    from mscenario.serve import export as export_lib
     _, _, _, state, _ = export_lib.restore(self.path, which)
     return jax.tree_util.tree_map(np.asarray, loop.all_params(state))
 

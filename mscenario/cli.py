@@ -2,6 +2,11 @@
 
 User mistakes (bad config, bad input rows, missing data) end with one clear paragraph and exit
 status 2, never a traceback; bugs still show theirs.
+
+Argument parsing only. Each command imports its implementation when it runs (the one place
+in the package that defers mscenario imports): `--help`, `--version` and `data download`
+answer without loading JAX (0.1 s instead of 1.5 s), and a SIGTERM while a command is still
+importing ends with the preemption message and exit status 75.
 """
 from __future__ import annotations
 
@@ -12,7 +17,12 @@ import signal
 import sys
 import threading
 
+from mscenario import __version__
+from mscenario import config as config_lib
+from mscenario.data import download
 from mscenario.errors import MscenarioError
+from mscenario.export.format import DEFAULT_BUCKETS, parse_buckets
+from mscenario.serve import Limits
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL; the same as mscenario.train.fit.Preempted.EXIT_CODE
 
@@ -25,7 +35,6 @@ def _split_overrides(argv):
 
 
 def _load_config(args, overrides):
-  from mscenario import config as config_lib
   if args.config:
     return config_lib.load_config(args.config, overrides)
   from mscenario.train.workdir import CONFIG, WorkDir
@@ -71,6 +80,34 @@ def cmd_predict(args, overrides):
   predict_file(config, args.workdir, args.input, args.output)
 
 
+def cmd_encode(args, overrides):
+  from mscenario.text.tables import TEXT_DIR, encode_for_config
+  config = _load_config(args, overrides)
+  index = encode_for_config(config, args.workdir, progress=not args.quiet)
+  print(f"text: wrote {os.path.join(args.workdir, TEXT_DIR)} in {index['seconds']}s")
+  for name, t in index["tables"].items():
+    print(f"  {name:<10} {tuple(t['shape'])}  ({t['with_text']:,} rows with text)")
+
+
+def cmd_export(args, overrides):
+  from mscenario.export import writer
+  writer.export(args.workdir, args.out, buckets=args.buckets, checkpoint=args.checkpoint,
+                keep=args.keep)
+
+
+def cmd_serve(args, overrides):
+  from mscenario.serve import server
+  limits = Limits(
+      max_body_bytes=args.max_body_bytes, max_items=args.max_items,
+      max_string_chars=args.max_string_chars, request_timeout_s=args.request_timeout_s,
+      body_timeout_s=args.body_timeout_s, limit_concurrency=args.limit_concurrency,
+      timeout_keep_alive=args.timeout_keep_alive, max_header_bytes=args.max_header_bytes,
+      http=args.http)
+  server.serve(args.model, args.host, args.port, token_file=args.token_file,
+               max_batch_wait_ms=args.max_batch_wait_ms,
+               watch_interval_s=args.watch_interval_s, limits=limits)
+
+
 def cmd_data_info(args, overrides):
   from mscenario.data.prepare import prepare
   config = _load_config(args, overrides)
@@ -83,7 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
       prog="mscenario",
       description="Multi-scenario interest prediction with JAX/Flax. Any --config.KEY=VALUE "
                   "argument overrides the config (e.g. --config.train.epochs=3).")
-  from mscenario import __version__
   p.add_argument("--version", action="version", version=f"mscenario {__version__}")
   sub = p.add_subparsers(dest="command", required=True)
 
@@ -107,22 +143,70 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("data", help="get or inspect data sets")
   dsub = d.add_subparsers(dest="data_command", required=True)
-  from mscenario.data import download
   download.add_cli(dsub)
   i = dsub.add_parser("prepare", help="prepare (or find) the cached dataset and print its summary")
   i.add_argument("--config", required=True)
   i.add_argument("--workdir", default=".")
   i.set_defaults(func=cmd_data_info)
 
-  from mscenario.text import tables as text_tables
-  text_tables.add_cli(sub)
-  from mscenario import serve as serve_cli
-  serve_cli.add_cli(sub)
+  _add_encode(sub)
+  _add_export_serve(sub)
   from mscenario.train import update as update_cli
   update_cli.add_cli(sub)
   from mscenario.explain import run as explain_cli
   explain_cli.add_cli(sub)
   return p
+
+
+def _add_encode(sub) -> None:
+  p = sub.add_parser("encode", help="encode item, scenario (and user) texts with the language "
+                                    "model")
+  p.add_argument("--config", required=True, help="configs/NAME.py")
+  p.add_argument("--workdir", required=True, help="writes <workdir>/text/*.npy + index.json")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_encode)
+
+
+def _add_export_serve(sub) -> None:
+  e = sub.add_parser("export", help="export a work dir's best model as a servable, "
+                                    "versioned predictor directory")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--out", required=True, help="model dir; each export adds a version and "
+                                              "points MODEL_DIR/CURRENT at it")
+  e.add_argument("--buckets", type=parse_buckets, default=DEFAULT_BUCKETS,
+                 help="batch sizes to compile, comma-separated (default "
+                      f"{','.join(map(str, DEFAULT_BUCKETS))})")
+  e.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+  e.add_argument("--keep", type=int, default=5, help="versions to keep (0 = all)")
+  e.set_defaults(func=cmd_export)
+
+  s = sub.add_parser("serve", help="serve an exported model over HTTP")
+  s.add_argument("--model", required=True, help="model dir written by `mscenario export`")
+  s.add_argument("--host", default="127.0.0.1", help="default loopback only")
+  s.add_argument("--port", type=int, default=8080)
+  s.add_argument("--token-file", help="require `Authorization: Bearer <token>` (file content)")
+  s.add_argument("--max-batch-wait-ms", type=float, default=0.5,
+                 help="how long a request may wait for others to share its batch")
+  s.add_argument("--watch-interval-s", type=float, default=1.0,
+                 help="poll MODEL_DIR/CURRENT for new versions (0 = only POST /v1/reload)")
+  d = Limits()
+  s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 beyond")
+  s.add_argument("--max-items", type=int, default=d.max_items, help="per call; 413 beyond")
+  s.add_argument("--max-string-chars", type=int, default=d.max_string_chars,
+                 help="longest string field value; 422 beyond (default %(default)s)")
+  s.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
+                 help="scoring must answer within this, else 503 + Retry-After")
+  s.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                 help="reading a request body; 408 beyond")
+  s.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                 help="uvicorn: open connections + tasks before it answers 503")
+  s.add_argument("--timeout-keep-alive", type=int, default=d.timeout_keep_alive,
+                 help="uvicorn: seconds an idle keep-alive connection stays open")
+  s.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                 help="uvicorn (h11): request head larger than this -> 400")
+  s.add_argument("--http", choices=("h11", "httptools"), default=d.http,
+                 help="uvicorn HTTP parser; httptools is faster but has no header-size limit")
+  s.set_defaults(func=cmd_serve)
 
 
 def main(argv=None) -> int:

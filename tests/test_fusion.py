@@ -356,7 +356,7 @@ def test_export_of_a_text_model_scores_like_training(tmp_path):
   """A text-fused run exports (tables travel in the weights) and the predictor matches."""
   from mscenario import cli
   from mscenario.parallel import mesh as mesh_lib
-  from mscenario.serve import export
+  from mscenario.export import writer as export
   from mscenario.serve import predictor as pred_lib
   from mscenario.train import evaluate, loop
   from tests.test_text import _write_tiny_model

@@ -188,5 +188,5 @@ def test_export_of_a_history_model_is_a_clear_error(tmp_path):
           "--config.train.epochs=1"]
   assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
   with pytest.raises(Exception, match="behaviour histories"):
-    from mscenario.serve import export
+    from mscenario.export import writer as export
     export.export(workdir, str(tmp_path / "out"))

@@ -51,7 +51,7 @@ def reference(exported):
   """The training code's own test predictions (best checkpoint) and the raw test rows."""
   from mscenario.data.sources import load_source
   from mscenario.parallel import mesh as mesh_lib
-  from mscenario.serve import export
+  from mscenario.export import writer as export
   from mscenario.train import loop
   workdir, _, _ = exported
   with pytest.MonkeyPatch.context() as mp:

@@ -6,7 +6,6 @@ with sentence-transformers numbers computed once by scripts/make_text_reference.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -296,10 +295,9 @@ def test_encode_table_caches_by_fingerprint_and_text(tiny, tmp_path, monkeypatch
 
 def test_encode_cli_on_synthetic(tiny_dir, tmp_path, capsys):
   """`mscenario encode`: item + scenario tables in the work dir, the second run all cached."""
+  from mscenario import cli
   from mscenario.text import load_text_tables
-  from mscenario.text.tables import add_cli
-  parser = argparse.ArgumentParser()
-  add_cli(parser.add_subparsers(dest="command"))
+  parser = cli.build_parser()
   config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "synthetic.py")
   workdir = str(tmp_path / "run")
   overrides = ["--config.data.synthetic.num_rows=3000", "--config.data.synthetic.num_users=100",

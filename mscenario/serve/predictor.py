@@ -1,16 +1,15 @@
 """Load an exported predictor and score raw requests — no training code paths.
 
-Only jax, numpy, safetensors and the data helpers (Transform, RawTable, schema) are imported:
-a serving host needs neither the model classes nor the training data, just the directory that
-`mscenario export` wrote. Weights are *arguments* of the serialised scoring functions, so a new
-version with the same shapes reuses the already compiled functions (a hot swap is a pointer
-swap, not a recompile).
+Only jax, numpy, safetensors, the artefact format (mscenario.export.format) and the data
+helpers (Transform, RawTable, schema, text template) are imported: a serving host needs
+neither the model classes nor the training data, just the directory that `mscenario export`
+wrote (layout: mscenario/export/format.py). Weights are *arguments* of the serialised scoring
+functions, so a new version with the same shapes reuses the already compiled functions (a hot
+swap is a pointer swap, not a recompile).
 
-Model directory layout (written by `mscenario.serve.export`):
-  MODEL_DIR/CURRENT                 name of the version to serve (replaced atomically)
-  MODEL_DIR/versions/<v>/manifest.json, config.json, transform.json, weights.safetensors,
-                         functions/score_b<B>.jax, text/*.npy (frozen text tables, if any)
-A version directory itself is also accepted as MODEL_DIR.
+A text-fused version also carries its language model (text/encoder/): the text of an item new
+to the model is encoded with that copy, loaded on the first such item. If the copy is missing
+or damaged, those requests get ModelUnavailable (HTTP 503); other requests are still scored.
 """
 from __future__ import annotations
 
@@ -24,65 +23,22 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-
-from mscenario.flat import flatten, unflatten  # noqa: F401  (export.py uses both from here)
+from safetensors.numpy import load_file
 
 from mscenario.data import schema as schema_lib
 from mscenario.data.table import RawTable
+from mscenario.data.template import format_text, template_fields
 from mscenario.data.transform import MISSING, Transform
 from mscenario.errors import MscenarioError
-
-FORMAT = "mscenario-predictor"
-FORMAT_VERSION = 1
-CURRENT_FILE = "CURRENT"
-VERSIONS_DIR = "versions"
-MANIFEST = "manifest.json"
-# Batch arrays the scoring function takes (labels / weights are not needed to score).
-INPUT_KEYS = ("sparse", "multi", "dense", "scenario", "user", "item")
+from mscenario.export.format import (CONFIG, CURRENT_FILE, FORMAT, FORMAT_VERSION,  # noqa: F401
+                                     INPUT_KEYS, MANIFEST, TRANSFORM, VERSIONS_DIR,
+                                     current_version_name, input_spec, read_manifest,
+                                     resolve_version_dir)
 
 
-def input_spec(manifest: dict, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Shapes/dtypes of the scoring function's batch argument at one bucket size.
-
-  Text-fused models also take the text vectors of items new to the model ('item_text',
-  'item_text_mask'): the server encodes those from the request's raw item fields.
-  """
-  s, (m, l), d = manifest["inputs"]["sparse"], manifest["inputs"]["multi"], \
-      manifest["inputs"]["dense"]
-  spec = {"sparse": ((batch, s), "int32"), "multi": ((batch, m, l), "int32"),
-          "dense": ((batch, d), "float32"), "scenario": ((batch,), "int32"),
-          "user": ((batch,), "int32"), "item": ((batch,), "int32")}
-  text = manifest.get("item_text")
-  if text:
-    spec["item_text"] = ((batch, int(text["dim"])), "float32")
-    spec["item_text_mask"] = ((batch,), "bool")
-  return spec
-
-
-def resolve_version_dir(model_dir: str) -> str:
-  """MODEL_DIR (with CURRENT) or a version dir -> the version dir to load."""
-  if os.path.exists(os.path.join(model_dir, MANIFEST)):
-    return model_dir
-  current = os.path.join(model_dir, CURRENT_FILE)
-  if not os.path.exists(current):
-    raise MscenarioError(f"{model_dir} is not an exported model (no {CURRENT_FILE} or "
-                         f"{MANIFEST}); create one with `mscenario export --workdir DIR "
-                         f"--out {model_dir}`")
-  with open(current) as f:
-    name = f.read().strip()
-  path = os.path.join(model_dir, VERSIONS_DIR, name)
-  if not os.path.exists(os.path.join(path, MANIFEST)):
-    raise MscenarioError(f"{current} names version {name!r}, but {path} holds no {MANIFEST}")
-  return path
-
-
-def current_version_name(model_dir: str) -> str | None:
-  """The version MODEL_DIR/CURRENT names (None for a plain version dir)."""
-  try:
-    with open(os.path.join(model_dir, CURRENT_FILE)) as f:
-      return f.read().strip()
-  except FileNotFoundError:
-    return None
+class ModelUnavailable(MscenarioError):
+  """The version lacks something it needs to answer (e.g. its language model's files): not
+  the client's fault, so HTTP 503, not 422."""
 
 
 # ---------------------------------------------------------------------------- compiled functions
@@ -315,21 +271,14 @@ class ModelVersion:
 
   def __init__(self, path: str, *, warm_up: bool = True):
     self.path = os.path.abspath(path)
-    with open(os.path.join(path, MANIFEST)) as f:
-      self.manifest = json.load(f)
-    if self.manifest.get("format") != FORMAT:
-      raise MscenarioError(f"{path}/{MANIFEST} is not an {FORMAT} manifest")
-    if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-      raise MscenarioError(f"{path} was exported by a newer mscenario (format "
-                           f"{self.manifest['format_version']} > {FORMAT_VERSION})")
+    self.manifest = read_manifest(path)
     self.version = self.manifest["version"]
-    with open(os.path.join(path, "transform.json")) as f:
+    with open(os.path.join(path, TRANSFORM)) as f:
       self.transform = Transform(json.load(f))
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(path, CONFIG)) as f:
       self.config = json.load(f)
     self.schema = self.transform.schema
     self.columns = Columns.of(self.transform)
-    from safetensors.numpy import load_file
     host = load_file(os.path.join(path, self.manifest["weights"]))
     self.weights = {k: jax.device_put(v) for k, v in host.items()}
     self.buckets = tuple(sorted(int(b) for b in self.manifest["functions"]))
@@ -387,7 +336,6 @@ class ModelVersion:
     kinds.update({n: "numeric" for n in c.numeric})
     kinds.update({n: "multi" for n in c.multi})
     if self.item_text:
-      from mscenario.text.tables import template_fields
       for f in template_fields(self.item_text["template"]):
         kinds.setdefault(f, "text")
     return kinds
@@ -553,7 +501,6 @@ class ModelVersion:
 
   def _item_texts(self, items: np.ndarray, groups: Sequence["Parsed"]) -> list:
     """The template text of every row whose item the model does not know (else None)."""
-    from mscenario.text.tables import format_text, template_fields
     template = self.item_text["template"]
     fields = template_fields(template)
     raw = [(g.user or {}, item) for g in groups for item in (g.items or [{}] * g.n)]
@@ -575,9 +522,7 @@ class ModelVersion:
       todo = sorted({texts[i] for i in np.flatnonzero(mask)} - set(self._text_vectors))
       if todo:
         if self._encoder is None:  # loaded on the first new item, not at start-up
-          from mscenario.text.tables import load_matching_encoder
-          self._encoder = load_matching_encoder(self.item_text.get("model_path"),
-                                                self.item_text["fingerprint"], self.path)
+          self._encoder = self._load_encoder()
         if len(self._text_vectors) > 100_000:  # bounded memo of encoded texts
           self._text_vectors.clear()
         for t, v in zip(todo, self._encoder.encode(todo, progress=False)):
@@ -585,6 +530,38 @@ class ModelVersion:
       for i in np.flatnonzero(mask):
         vecs[i] = self._text_vectors[texts[i]]
     return vecs, mask
+
+  def _load_encoder(self):
+    """The language model the version's text tables were made with: the copy inside the
+    version (text/encoder/), or, for versions exported before it travelled along, the model
+    path recorded at export. Anything missing or different is ModelUnavailable (503)."""
+    # Imported here, not at the top: the encoder pulls in Flax, which serving a model
+    # without text never needs.
+    from mscenario.text.encoder import load_encoder
+    spec = self.item_text
+    rel = spec.get("encoder")
+    if rel:
+      model_dir = os.path.join(self.path, rel)
+      missing = [f for f in spec.get("encoder_files", ())
+                 if not os.path.isfile(os.path.join(model_dir, f))]
+      if missing:
+        raise ModelUnavailable(
+            f"version {self.version} cannot encode the text of items new to the model: "
+            f"{model_dir} lacks {', '.join(missing)} (the language model exported with it); "
+            "re-export the model with `mscenario export`")
+    else:
+      model_dir = spec.get("model_path") or None
+    try:
+      encoder = load_encoder(model_dir)
+    except MscenarioError as e:
+      raise ModelUnavailable(f"version {self.version} cannot encode the text of items new "
+                             f"to the model: {e}") from None
+    if encoder.fingerprint != spec["fingerprint"]:
+      raise ModelUnavailable(
+          f"version {self.version} cannot encode the text of items new to the model: the "
+          f"language model at {encoder.model_dir} is not the one it was trained with "
+          f"(fingerprint {encoder.fingerprint} != {spec['fingerprint']}); re-export it")
+    return encoder
 
   # -- scoring -----------------------------------------------------------------------------
   def empty_batch(self, n: int) -> dict[str, np.ndarray]:

