@@ -327,3 +327,58 @@ def test_hot_swap_under_load(model_copy, reference):
                                rtol=0)
   assert versions == {"v0001", v2, v3}, versions
   assert len(seen) >= 8 * 10
+
+
+# ---------------------------------------------------------------------------- text models
+def test_text_model_export_is_self_contained(tmp_path, monkeypatch):
+  """A text-fused export carries its language model: with the training machine's model
+  directory gone, the server still scores a brand-new item from its text; with a file of the
+  exported copy removed, those requests get 503 (the version is broken, not the request)."""
+  from mscenario.data import synthetic
+  from mscenario.config import load_config
+  from tests.test_text import _write_tiny_model
+  monkeypatch.setenv("MSCENARIO_CACHE", str(tmp_path / "cache"))
+  bert_dir = str(tmp_path / "bert")
+  _write_tiny_model(bert_dir)
+  workdir, model_dir = str(tmp_path / "run"), str(tmp_path / "model")
+  args = [*TINY, "--config.data.synthetic.num_rows=2000", "--config.train.epochs=1",
+          "--config.text.enabled=true", "--config.text.fusion=gate",
+          f"--config.text.model_path={bert_dir}"]
+  assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
+  assert cli.main(["export", "--workdir", workdir, "--out", model_dir, "--buckets", "8"]) == 0
+  shutil.rmtree(bert_dir)  # another machine: the training path (and any package) is gone
+  vdir = pred_lib.resolve_version_dir(model_dir)
+  manifest = json.load(open(os.path.join(vdir, "manifest.json")))
+  assert manifest["item_text"]["encoder"] == "text/encoder"
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+      manifest["item_text"]["encoder_files"])
+
+  table = synthetic.load_raw(load_config(SYNTHETIC, args).data)
+  row = {k: table.columns[k][0] for k in ("user_id", "gender", "region", "category",
+                                          "age_bucket")}
+  row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+  scenario = str(table.columns["scenario"][0])
+
+  def request(*items):
+    return {"scenario": scenario, "user": row,
+            "items": [{"item_id": i, "item_text": t} for i, t in items]}
+
+  known = str(table.columns["item_id"][0])
+  with running(server_lib.create_app(model_dir, watch_interval_s=0)) as url, \
+      httpx.Client(base_url=url, timeout=60) as c:
+    r = c.post("/v1/predict", json=request(("new-1", "space opera with robots"),
+                                           ("new-2", "a quiet cooking documentary"),
+                                           ("new-3", "space opera with robots")))
+    assert r.status_code == 200, r.text
+    p = r.json()["probabilities"]
+    assert p[0] == pytest.approx(p[2], abs=1e-7) and abs(p[0] - p[1]) > 1e-6  # text is read
+
+  os.remove(os.path.join(vdir, "text", "encoder", "tokenizer.json"))
+  with running(server_lib.create_app(model_dir, watch_interval_s=0)) as url, \
+      httpx.Client(base_url=url, timeout=60) as c:
+    r = c.post("/v1/predict", json=request(("new-1", "space opera with robots")))
+    assert r.status_code == 503, r.text
+    assert "tokenizer.json" in r.json()["detail"] and "re-export" in r.json()["detail"]
+    # Requests that need no encoding are still answered.
+    assert c.post("/v1/predict", json=request((known, "anything"))).status_code == 200
+    assert c.get("/healthz").status_code == 200
