@@ -219,7 +219,7 @@ def base_config() -> ConfigDict:
   c.privacy.selection_clip = 1.0   # L2 bound of one unit's row-count contribution
   c.privacy.selection_threshold = 0.0  # noisy-count threshold; 0 = ~10 untouched rows/step
   c.privacy.max_false_positives = 0  # cap on selected untouched rows per step; 0 = auto
-  c.privacy.microbatch = 256       # units whose per-unit gradients are computed at once
+  c.privacy.microbatch = 0         # units per vmap chunk of per-unit gradients; 0 = auto
 
   # ---- parallelism ----------------------------------------------------------------------
   c.mesh = ConfigDict()
