@@ -244,7 +244,7 @@ def test_item_vectors_from_npy_and_parquet(tmp_path):
   import pyarrow.parquet as pq
 
   from mscenario.errors import ConfigError
-  from mscenario.models.fusion import load_item_vectors
+  from mscenario.text.prepare import load_item_vectors
   vocab = ["10", "20", "30"]  # raw ids -> vocabulary ids 2, 3, 4
   vecs = np.arange(10, dtype=np.float32).reshape(5, 2)
   np.save(tmp_path / "v.npy", vecs)

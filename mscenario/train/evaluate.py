@@ -9,8 +9,12 @@ import jax
 import numpy as np
 
 from mscenario.data.prepare import PreparedData
+from mscenario.data.sources import load_source
 from mscenario.errors import MscenarioError
+from mscenario.metrics import format_table
 from mscenario.parallel import mesh as mesh_lib
+from mscenario.text.prepare import with_item_vectors
+from mscenario.text.tables import load_text_tables, new_item_text_vectors
 from mscenario.train import loop
 from mscenario.train import workdir as workdir_lib
 
@@ -24,8 +28,6 @@ def _text_tables(config, workdir: str, data):
   """The text tables the run was trained with (<workdir>/text), when text is enabled."""
   if not config.text.enabled:
     return None
-  from mscenario.models.fusion import with_item_vectors
-  from mscenario.text.tables import load_text_tables
   return with_item_vectors(config, load_text_tables(workdir), data.transform.state,
                            data.schema.item_vocab_size)
 
@@ -33,7 +35,6 @@ def _text_tables(config, workdir: str, data):
 def evaluate_workdir(config, workdir: str, split: str = "test", *, report: bool = True) -> dict:
   """Metrics of the best checkpoint on `split`; with `report`, also eval_<split>.json and
   the printed table (what `mscenario eval` does)."""
-  from mscenario.metrics import format_table
   data = loop.load_data(config, log=print if report else (lambda *_: None))
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
                      _text_tables(config, workdir, data))
@@ -62,7 +63,6 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
   neither the training data nor its cache is needed; items new to the model are scored from
   their own text when the run has text features.
   """
-  from mscenario.data.sources import load_source
   transform = workdir_lib.WorkDir(workdir).read_transform()
   cfg = config.copy_and_resolve_references()
   cfg.data.source = "table"
@@ -76,7 +76,6 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
   if n == 0:
     raise MscenarioError(f"{input_path}: no rows to score")
   if cfg.text.enabled and cfg.text.get("fusion", "concat") != "none":
-    from mscenario.text.tables import new_item_text_vectors
     fresh = new_item_text_vectors(cfg, workdir, table.columns, arrays["item"],
                                   np.flatnonzero(keep))
     if fresh is not None:
