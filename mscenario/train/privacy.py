@@ -66,6 +66,7 @@ class Plan:
   rows_per_unit: int        # physical rows per unit in a batch (1 for example level)
   physical_units: int       # unit slots per batch (train.batch_size / rows_per_unit)
   expected_units: float     # q * num_units: the constant the clipped sum is divided by
+  expected_rows: float      # training rows per step, in expectation
   sampling_prob: float
   steps_per_epoch: int
   epochs: int
@@ -177,8 +178,8 @@ def check_config(p) -> None:
   if not p.selection_clip > 0 or p.selection_noise_ratio < 0:
     raise ConfigError("privacy.selection_clip must be > 0 and privacy.selection_noise_ratio "
                       ">= 0")
-  if p.microbatch < 1:
-    raise ConfigError(f"privacy.microbatch={p.microbatch}: expected >= 1")
+  if p.microbatch < 0:
+    raise ConfigError(f"privacy.microbatch={p.microbatch}: expected >= 1 (0 = auto)")
 
 
 def check_model(model_state, config) -> None:
@@ -242,7 +243,8 @@ def make_plan(config, data, model_state=None) -> Plan:
   else:
     fp_prob, threshold, cap = 0.0, 0.0, 0
   plan = Plan(unit=p.unit, num_units=n, rows_per_unit=k, physical_units=physical,
-              expected_units=q * n, sampling_prob=q, steps_per_epoch=steps_per_epoch,
+              expected_units=q * n, expected_rows=q * n * rows_per_step_per_unit,
+              sampling_prob=q, steps_per_epoch=steps_per_epoch,
               epochs=int(tc.epochs), noise_multiplier=sigma, clip_norm=float(p.clip_norm),
               embed_noise=p.embed_noise, selection_noise_multiplier=sigma_1,
               selection_clip=float(p.selection_clip), selection_threshold=threshold,
@@ -250,7 +252,7 @@ def make_plan(config, data, model_state=None) -> Plan:
               delta=delta, target_epsilon=float(p.epsilon), microbatch=int(p.microbatch))
   eps = spent_epsilon(plan, steps)
   slack = (1 + math.exp(min(eps, 700.0))) * plan.truncation_prob(steps)
-  if math.isfinite(eps) and slack > delta * TRUNCATION_SHARE:
+  if p.epsilon > 0 and slack > delta * TRUNCATION_SHARE:
     raise ConfigError(
         f"privacy: truncation probability too large for delta={delta:.3g} (sampled batches "
         f"of expected size {expected:.0f} overflow the {physical} slots, or false positives "
@@ -279,10 +281,11 @@ def report(plan: Plan, steps_run: int) -> dict:
   """The 'privacy' block of results.json: what is guaranteed, for the steps actually run."""
   eps = spent_epsilon(plan, steps_run)
   return {
-      "epsilon": eps, "delta": plan.delta, "unit": plan.unit,
+      "epsilon": eps, "delta": total_delta(plan, eps, steps_run), "unit": plan.unit,
       "sampling": (f"Poisson, q={plan.sampling_prob:.6g} ({plan.expected_units:.1f} "
                    f"expected {plan.unit}s per step, padded to {plan.physical_units})"),
-      "sampling_prob": plan.sampling_prob, "steps": int(steps_run),
+      "sampling_prob": plan.sampling_prob, "expected_rows_per_step": plan.expected_rows,
+      "physical_batch": plan.physical_units * plan.rows_per_unit, "steps": int(steps_run),
       "planned_steps": plan.total_steps,
       "epsilon_planned": spent_epsilon(plan, plan.total_steps),
       "target_epsilon": plan.target_epsilon or None,
@@ -297,6 +300,14 @@ def report(plan: Plan, steps_run: int) -> dict:
       "truncation_prob": plan.truncation_prob(steps_run),
       "accountant": f"dp_accounting {_version()} RDP (add/remove one {plan.unit})",
   }
+
+
+def total_delta(plan: Plan, eps: float, steps: int) -> float:
+  """delta of the run as sampled (truncation included): the requested delta when the
+  truncation events fit their share (always, for a calibrated run), else more."""
+  eta = plan.truncation_prob(steps)
+  extra = (1 + math.exp(min(eps, 700.0))) * eta if eta > 0 else 0.0
+  return float(min(1.0, max(plan.delta, plan.accountant_delta + extra)))
 
 
 def summary_line(block: dict) -> str:
@@ -400,6 +411,9 @@ def clipped_unit_grads(model, model_state, params, rows, batch, ids, rng, clip_n
     return jnp.sum(per_row * b["weight"]) / jnp.maximum(jnp.sum(b["weight"]), 1.0)
 
   grad_fn = jax.vmap(jax.value_and_grad(unit_loss, argnums=(0, 1)), in_axes=(None, 0, 0, 0))
+  if microbatch <= 0:  # auto: per-unit gradients of one chunk within ~2^25 floats (128 MB)
+    per_unit = sum(x.size for x in jax.tree_util.tree_leaves(params)) + rows[0].size * k
+    microbatch = max(1, (1 << 25) // per_unit)
   chunks = max(1, g // max(1, min(microbatch, g)))
   while g % chunks:
     chunks += 1
@@ -469,6 +483,7 @@ def make_private_step(model, tx, schema, embed_update: str, embed_lr: float, pla
   if sparse_mode:
     sparse.check_kind(embed_update)
   sigma, clip = plan.noise_multiplier, plan.clip_norm
+  std = sigma * clip if sigma > 0 else 0.0  # noise 0 with no clip (inf) is 0, not nan
 
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -499,12 +514,12 @@ def make_private_step(model, tx, schema, embed_update: str, embed_lr: float, pla
       out_ids = jnp.arange(r, dtype=uniq.dtype)
       out = jnp.zeros((r, summed.shape[1]), summed.dtype).at[uniq].add(summed, mode="drop")
     k_rows, k_dense = jax.random.split(k_noise)
-    out = out + (sigma * clip) * jax.random.normal(k_rows, out.shape) * (out_ids < r)[:, None]
+    out = out + std * jax.random.normal(k_rows, out.shape) * (out_ids < r)[:, None]
     out = out / plan.expected_units
     leaves, treedef = jax.tree_util.tree_flatten(dense)
     noise_keys = jax.random.split(k_dense, max(1, len(leaves)))
     grads = jax.tree_util.tree_unflatten(treedef, [
-        (x + (sigma * clip) * jax.random.normal(nk, x.shape, x.dtype)) / plan.expected_units
+        (x + std * jax.random.normal(nk, x.shape, x.dtype)) / plan.expected_units
         for x, nk in zip(leaves, noise_keys)])
     if sparse_mode:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,281 @@
+"""Differentially private training (mscenario/train/privacy.py): clipping bounds each unit's
+contribution, the mechanism with no noise and no clip is the ordinary step, the calibrated
+noise is dp_accounting's, rows are selected with the probabilities the mechanism states,
+user-level sampling and clipping bound a user's contribution, BatchNorm is refused."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from mscenario.config import load_config
+from mscenario.data import pipeline
+from mscenario.data.prepare import prepare
+from mscenario.errors import ConfigError
+from mscenario.models.embedding import batch_ids
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import loop, privacy, sparse
+from mscenario.train.steps import make_train_step
+from tests.helpers import SYNTHETIC, TINY
+
+DP = ["--config.model.name=sharedbottom", "--config.model.batch_norm=false",
+      "--config.privacy.enabled=true", "--config.privacy.epsilon=4"]
+
+
+def _setup(*extra):
+  config = load_config(SYNTHETIC, [*TINY, *DP, *extra])
+  data = prepare(config, log=lambda *_: None)
+  return loop.build(config, data, mesh_lib.make_mesh(config.mesh)), data
+
+
+@pytest.fixture(scope="module")
+def dense_setup():
+  return _setup()
+
+
+def _batch(data, size=64, seed=0):
+  it = pipeline.BatchIterator(data, "train", size, seed=seed, shuffle=True, drop_last=True)
+  return {k: jnp.asarray(v) for k, v in next(it.epoch(0)).items()}
+
+
+_JITTED = {}
+
+
+def _contribution(setup, state, batch, clip, k=1):
+  """Everything the noisy sum is built from: (clipped dense-grad sum, clipped row grads
+  scattered into the table), as one flat vector; and the per-unit norms."""
+  key = (id(setup), k)
+  if key not in _JITTED:
+    def contribution(state, batch, clip):
+      params = privacy._without_table(state.params)
+      table = state.params["embedding"]["table"]
+      ids = batch_ids(setup.data.schema, batch)
+      dense, row_grads, norms, _, _ = privacy.clipped_unit_grads(
+          setup.model, state.model_state, params, table[ids], batch, ids, state.rng, clip,
+          k, 0)
+      table_grad = jnp.zeros_like(table).at[ids.reshape(-1)].add(
+          row_grads.reshape(-1, table.shape[1]))
+      flat = jnp.concatenate([x.reshape(-1) for x in jax.tree_util.tree_leaves(dense)]
+                             + [table_grad.reshape(-1)])
+      return flat, norms
+    _JITTED[key] = jax.jit(contribution)
+  flat, norms = _JITTED[key](state, batch, jnp.float32(clip))
+  return np.asarray(flat, np.float64), np.asarray(norms)
+
+
+def _without(batch, rows):
+  w = np.asarray(batch["weight"]).copy()
+  w[list(rows)] = 0.0
+  return {**batch, "weight": jnp.asarray(w)}
+
+
+def test_clipping_bounds_each_example(dense_setup):
+  setup, data = dense_setup
+  state = setup.create_state()
+  batch = _batch(data)
+  unclipped, norms = _contribution(setup, state, batch, math.inf)
+  clip = 0.5 * float(norms.min())  # every example is clipped
+  full, _ = _contribution(setup, state, batch, clip)
+  seen_big = 0
+  for i in range(0, 64, 8):
+    delta = np.linalg.norm(full - _contribution(setup, state, _without(batch, [i]), clip)[0])
+    assert delta <= clip * (1 + 1e-4), (i, delta, clip)
+    raw = np.linalg.norm(unclipped - _contribution(setup, state, _without(batch, [i]),
+                                                   math.inf)[0])
+    seen_big += raw > clip * 1.5
+  assert seen_big >= 6  # without clipping the bound would not hold: the test can fail
+
+
+def test_user_level_clipping_counts_a_repeated_row_once(dense_setup):
+  """A user unit reads its user-id row k times: the unit's table gradient for that row is
+  the sum, and the bound must hold for it (per-position norms would under-count by ~sqrt k)."""
+  setup, data = dense_setup
+  state = setup.create_state()
+  k = 8
+  one = _batch(data, 64)
+  same = {key: jnp.repeat(v[:8], k, axis=0) for key, v in one.items()}  # 8 units of 8 copies
+  _, norms = _contribution(setup, state, same, math.inf, k)
+  clip = float(norms.min()) / 2
+  full, _ = _contribution(setup, state, same, clip, k)
+  for u in range(8):
+    rest, _ = _contribution(setup, state, _without(same, range(u * k, (u + 1) * k)), clip, k)
+    assert np.linalg.norm(full - rest) <= clip * (1 + 1e-4)
+  # A unit's loss is its rows' mean, so k copies of one example have that example's
+  # gradient: its row gradients (1/k each, k positions) must be summed before the norm.
+  single, _ = _contribution(setup, state, {key: v[:1] for key, v in one.items()}, math.inf)
+  assert norms[0] == pytest.approx(np.linalg.norm(single), rel=1e-4)
+
+
+def test_user_level_batches_bound_each_users_rows():
+  setup, data = _setup("--config.privacy.unit=user", "--config.privacy.max_examples_per_user=4",
+                       "--config.privacy.epsilon=8")
+  plan = setup.privacy
+  it = privacy.PoissonBatches(plan, data, seed=0)
+  rows, weight = it.epoch_rows(0)
+  users = np.asarray(data.arrays["user"])
+  sizes = []
+  for r, w in zip(rows, weight):
+    units_r, units_w = r.reshape(-1, 4), w.reshape(-1, 4)
+    real = units_w.sum(1) > 0
+    sizes.append(int(real.sum()))
+    owners = [set(users[u][wu > 0]) for u, wu in zip(units_r[real], units_w[real])]
+    assert all(len(o) == 1 for o in owners)              # a unit is one user's rows
+    flat = [next(iter(o)) for o in owners]
+    assert len(flat) == len(set(flat))                   # a user at most once per step
+    assert (units_w.sum(1) <= 4).all()
+  # Poisson: the number of sampled users per step has the binomial's mean and spread.
+  mean, sd = plan.expected_units, math.sqrt(plan.expected_units * (1 - plan.sampling_prob))
+  assert abs(np.mean(sizes) - mean) < 5 * sd / math.sqrt(len(sizes))
+  assert 0.5 * sd < np.std(sizes) < 1.5 * sd
+
+
+def test_example_batches_are_poisson(dense_setup):
+  setup, data = dense_setup
+  plan = setup.privacy
+  it = privacy.PoissonBatches(plan, data, seed=1)
+  counts = np.zeros(len(data.arrays["label"]))
+  sizes = []
+  for e in range(6):
+    rows, weight = it.epoch_rows(e)
+    sizes += list(weight.sum(1))
+    np.add.at(counts, rows[weight > 0], 1)
+  steps = len(sizes)
+  train = np.asarray(data.splits["train"])
+  assert counts[np.setdiff1d(np.arange(len(counts)), train)].sum() == 0
+  # Each example joins each step with probability q: per-example counts ~ Binomial(steps, q).
+  expected = steps * plan.sampling_prob
+  assert abs(counts[train].mean() - expected) < 0.01 * expected
+  assert counts[train].var() == pytest.approx(expected * (1 - plan.sampling_prob), rel=0.1)
+  assert abs(np.mean(sizes) - plan.expected_units) < 5 * math.sqrt(plan.expected_units / steps)
+
+
+def test_noise_zero_and_infinite_clip_is_the_ordinary_step():
+  """Same batches, same init: the private step with sigma = 0, clip = inf and every touched
+  row selected (sigma_1 = 0, threshold 0) is the non-private step, in both embedding modes."""
+  for mode in ("dense", "lazy_adam"):
+    setup, data = _setup(f"--config.train.embed_update={mode}",
+                         "--config.train.embed_learning_rate=0.01")
+    plan = dataclasses.replace(setup.privacy, noise_multiplier=0.0, clip_norm=math.inf,
+                               selection_noise_multiplier=0.0, selection_threshold=0.0,
+                               false_positive_prob=0.0, max_false_positives=0,
+                               expected_units=512.0)
+    cfg = setup.config.train
+    private = jax.jit(privacy.make_private_step(setup.model, setup.tx, data.schema, mode,
+                                                cfg.embed_learning_rate, plan))
+    plain = jax.jit(make_train_step(setup.model, setup.tx, data.schema, mode,
+                                    cfg.embed_learning_rate))
+    a = b = setup.create_state()
+    b = jax.tree_util.tree_map(jnp.array, b)
+    it = pipeline.BatchIterator(data, "train", 512, seed=0, shuffle=True, drop_last=True)
+    for batch, _ in zip(it.epoch(0), range(3)):
+      batch = {k: jnp.asarray(v) for k, v in batch.items()}
+      a, ma = private(a, batch)
+      b, mb = plain(b, batch)
+      assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
+    flat_a = jax.tree_util.tree_leaves((a.params, a.embed))
+    flat_b = jax.tree_util.tree_leaves((b.params, b.embed))
+    moved = 0
+    for x, y, x0 in zip(flat_a, flat_b, jax.tree_util.tree_leaves(
+        (setup.create_state().params, setup.create_state().embed))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+      moved += int(not np.allclose(np.asarray(x), np.asarray(x0)))
+    assert moved >= 3
+    # With the calibrated noise the same step moves the parameters elsewhere.
+    noisy = jax.jit(privacy.make_private_step(setup.model, setup.tx, data.schema, mode,
+                                              cfg.embed_learning_rate, setup.privacy))
+    c, _ = noisy(setup.create_state(), batch)
+    assert not np.allclose(np.asarray(jax.tree_util.tree_leaves(c.params)[0]),
+                           np.asarray(jax.tree_util.tree_leaves(a.params)[0]))
+
+
+def test_calibrated_noise_is_dp_accountings(dense_setup):
+  setup, _ = dense_setup
+  plan = setup.privacy
+  q, steps, delta = plan.sampling_prob, plan.total_steps, plan.accountant_delta
+  ratio = setup.config.privacy.selection_noise_ratio
+  assert plan.selection_noise_multiplier == pytest.approx(ratio * plan.noise_multiplier)
+
+  def event(sigma):
+    inner = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(ratio * sigma),
+                                           dp_accounting.GaussianDpEvent(sigma)])
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, inner),
+                                             steps)
+
+  theirs = dp_accounting.calibrate_dp_mechanism(
+      dp_accounting.rdp.RdpAccountant, event, 4.0, delta,
+      bracket_interval=dp_accounting.ExplicitBracketInterval(0.05, 50.0))
+  assert plan.noise_multiplier == pytest.approx(theirs, rel=1e-3)
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(event(plan.noise_multiplier))
+  assert acc.get_epsilon(delta) == pytest.approx(4.0, abs=0.02)
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(event(0.9 * plan.noise_multiplier))
+  assert acc.get_epsilon(delta) > 4.2  # calibrated, not merely safe
+  # Dense noise on rows: one Gaussian per step, less noise for the same budget.
+  sigma = privacy.calibrate(q, steps, 4.0, delta, 0.0)
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+  assert acc.get_epsilon(delta) == pytest.approx(4.0, abs=0.02)
+  assert sigma < plan.noise_multiplier
+  block = privacy.report(plan, steps)
+  assert block["epsilon"] == pytest.approx(4.0, abs=0.02)
+  assert block["delta"] == pytest.approx(1.0 / plan.num_units)
+  assert block["unit"] == "example" and "Poisson" in block["sampling"]
+
+
+def test_row_selection_probabilities():
+  """Untouched rows: selected w.p. P(N(0, (s1 C1)^2) > tau); a touched row with count c:
+  P(c + N > tau). Checked over many draws against the exact probabilities."""
+  r, sigma_1, tau = 3000, 1.0, 1.5
+  fp = float(stats.norm.sf(tau / sigma_1))
+  plan = privacy.Plan(
+      unit="example", num_units=1, rows_per_unit=1, physical_units=1, expected_units=1.0,
+      expected_rows=1.0, sampling_prob=1.0, steps_per_epoch=1, epochs=1, noise_multiplier=1.0,
+      clip_norm=1.0, embed_noise="sparse", selection_noise_multiplier=sigma_1,
+      selection_clip=1.0, selection_threshold=tau, false_positive_prob=fp,
+      max_false_positives=int(stats.binom.isf(1e-12, r, fp)) + 1, table_rows=r,
+      delta=1e-5, target_epsilon=0.0, microbatch=0)
+  # Two examples of 3 rows each; row 7 is shared. Counts: 1/sqrt(3) per example and row.
+  ids = jnp.asarray([[7, 100, 200], [7, 300, 301]], jnp.int32)
+  uniq, inv = sparse.unique_rows(ids, r)
+  counts = privacy.selection_counts(ids, jnp.ones(2), 1, 1.0, inv)
+  c1 = 1 / math.sqrt(3)
+  got = dict(zip(np.asarray(uniq).tolist(), np.asarray(counts).tolist()))
+  assert got[7] == pytest.approx(2 * c1) and got[100] == pytest.approx(c1)
+  draws = 400
+  keys = jax.random.split(jax.random.PRNGKey(0), draws)
+  touched, fps = jax.jit(jax.vmap(lambda k: privacy.select_rows(k, uniq, counts, plan)))(keys)
+  touched, fps = np.asarray(touched), np.asarray(fps)
+  touched_set = {7, 100, 200, 300, 301}
+  # Untouched rows: frequency over draws x untouched rows.
+  fp_hits = (fps < r).sum()
+  assert not np.isin(fps[fps < r], list(touched_set)).any()
+  trials = draws * (r - len(touched_set))
+  z = (fp_hits - trials * fp) / math.sqrt(trials * fp * (1 - fp))
+  assert abs(z) < 4, (fp_hits, trials * fp)
+  # Uniform over untouched rows: no row far from the mean frequency.
+  per_row = np.bincount(fps[fps < r], minlength=r)
+  assert per_row.max() <= draws * fp + 6 * math.sqrt(draws * fp)
+  for row, count in ((7, 2 * c1), (100, c1)):
+    p = float(stats.norm.sf((tau - count) / sigma_1))
+    hits = (touched == row).sum()
+    z = (hits - draws * p) / math.sqrt(draws * p * (1 - p))
+    assert abs(z) < 4, (row, hits, draws * p)
+
+
+def test_batchnorm_and_bad_privacy_config_are_refused():
+  with pytest.raises(ConfigError, match="model.batch_norm=false"):
+    _setup("--config.model.batch_norm=true")
+  with pytest.raises(ConfigError, match="partitioned"):
+    _setup("--config.model.name=star")
+  with pytest.raises(ConfigError, match="exactly one of privacy.epsilon"):
+    _setup("--config.privacy.noise_multiplier=1.0")
+  with pytest.raises(ConfigError, match="privacy.unit"):
+    _setup("--config.privacy.unit=household")
