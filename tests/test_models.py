@@ -329,7 +329,8 @@ def test_empty_feature_groups_still_work():
 # are the vmapped formulations they replaced; the param and batch_stats trees are the same,
 # so one set of variables drives both.
 
-from mscenario.models.layers import MLP, ScenarioModel, select_scenario, stacked  # noqa: E402
+from mscenario.models.base import ScenarioModel  # noqa: E402
+from mscenario.models.layers import MLP, select_scenario, stacked  # noqa: E402
 from mscenario.models.ple import CGC  # noqa: E402
 
 

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mscenario.models.layers import ScenarioModel, get_dtype
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import get_dtype
 from mscenario.models.registry import register
 
 SCENARIO_INIT = nn.initializers.normal(stddev=0.05)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mscenario.data.schema import PAD_ID, FeatureSchema
+from mscenario.models.fusion import TextFusion
+from mscenario.models.sequence import SequenceEncoder
 
 EMBED_AXES = ("vocab", "embed")
 
@@ -111,7 +113,6 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
       batch["sparse"], batch["multi"], batch.get("embedding_rows"), hist)
   emb, hist_emb = out if hist is not None else (out, None)
   if text is not None:
-    from mscenario.models.fusion import TextFusion
     emb, affinity = TextFusion(text, embed_dim, len(base.sparse), name="text_fusion")(emb,
                                                                                      batch)
   dense = batch["dense"].astype(jnp.float32)
@@ -120,7 +121,6 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   if hist is not None:
     # The behaviour sequence joins as extra dense columns (after the data's own), so every
     # model that reads `dense` gets it; the candidate item asks the history what matters.
-    from mscenario.models.sequence import SequenceEncoder
     kind, layers, heads, width, stats = (tuple(schema.sequence) + (True,))[:5]
     summary = SequenceEncoder(base.num_scenarios, width=width, layers=layers, heads=heads,
                               kind=kind, stats=bool(stats), name="sequence")(

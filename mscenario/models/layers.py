@@ -10,9 +10,7 @@ from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
-from mscenario.data.schema import FeatureSchema
 from mscenario.errors import ConfigError
-from mscenario.models.embedding import model_input
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -194,48 +192,6 @@ def mix(gate: jax.Array, experts: Sequence[jax.Array]) -> jax.Array:
 def select_scenario(values: jax.Array, scenario: jax.Array) -> jax.Array:
   """values [B, S] (one column per scenario) -> [B], each row's own scenario's column."""
   return jnp.take_along_axis(values, scenario[:, None].astype(jnp.int32), axis=1)[:, 0]
-
-
-class ScenarioModel(nn.Module):
-  """Fields every model shares; subclasses implement __call__(batch, train) -> logits [B]."""
-  schema: FeatureSchema
-  embed_dim: int = 16
-  hidden: Sequence[int] = (256, 128)
-  dropout: float = 0.0
-  activation: str = "relu"
-  dtype: str = "float32"
-  batch_norm: bool = True
-  embed_init_std: float = 1e-4
-
-  @property
-  def num_scenarios(self) -> int:
-    return self.schema.num_scenarios
-
-  @property
-  def compute_dtype(self):
-    return get_dtype(self.dtype)
-
-  def inputs(self, batch: dict) -> jax.Array:
-    """x = concat(flatten(embeddings), dense) [B, F*E + D] float32 (call in compact)."""
-    return model_input(self.schema, self.embed_dim, self.embed_init_std, batch)
-
-  def mlp(self, hidden: Sequence[int], output_dim: Optional[int] = None,
-          name: Optional[str] = None) -> MLP:
-    return MLP(tuple(hidden), self.activation, self.dropout, self.dtype, self.batch_norm,
-               output_dim, name=name)
-
-  def stacked_mlp(self, n: int, hidden: Sequence[int], output_dim: Optional[int] = None,
-                  name: Optional[str] = None) -> nn.Module:
-    """`n` independent MLPs with this model's settings; call with x [n, B, in]."""
-    return stacked(MLP, n)(tuple(hidden), self.activation, self.dropout, self.dtype,
-                           self.batch_norm, output_dim, name=name)
-
-  def parallel_mlps(self, n: int, hidden: Sequence[int], output_dim: Optional[int] = None,
-                       name: Optional[str] = None) -> "StackedMLP":
-    """Like stacked_mlp (same params), as a StackedMLP: x [B, F] -> [B, n, out] (one input for
-    all copies) or x [n, B, F] -> [n, B, out] (one per copy)."""
-    return StackedMLP(n, tuple(hidden), self.activation, self.dropout, self.dtype,
-                      self.batch_norm, output_dim, name=name)
 
 
 # ---- packing rows by scenario --------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mscenario.models.embedding import embed_batch
-from mscenario.models.layers import ScenarioModel
+from mscenario.models.base import ScenarioModel
 from mscenario.models.registry import register
 
 SCENARIO_INIT = nn.initializers.normal(stddev=0.1)

@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mscenario.models.layers import ScenarioModel, get_dtype, stacked
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import get_dtype, stacked
 from mscenario.models.m2m import take_scenario
 from mscenario.models.registry import register
 

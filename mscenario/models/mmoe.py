@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mscenario.models.layers import ScenarioModel, StackedDense, mix, select_scenario
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import StackedDense, mix, select_scenario
 from mscenario.models.registry import register
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from mscenario.errors import ConfigError
 from mscenario.models.embedding import embed_batch
-from mscenario.models.layers import ScenarioModel, get_dtype
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import get_dtype
 from mscenario.models.registry import register
 
 SCENARIO_INIT = nn.initializers.normal(stddev=0.05)

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mscenario.models.layers import (ScenarioModel, StackedDense, StackedMLP, get_dtype, mix,
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import (StackedDense, StackedMLP, get_dtype, mix,
                                      select_scenario)
 from mscenario.models.registry import register
 

@@ -23,13 +23,9 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def available_models() -> tuple[str, ...]:
-  _import_models()
+  """Every registered name. The built-in models are always among them: importing this module
+  runs mscenario/models/__init__.py first, which imports (and so registers) each of them."""
   return tuple(sorted(_MODELS))
-
-
-def _import_models() -> None:
-  # Importing the package registers the built-in models (their modules use @register).
-  import mscenario.models  # noqa: F401
 
 
 def _as_static(value: Any) -> Any:
@@ -44,7 +40,6 @@ def build_model(model_cfg: Mapping[str, Any], schema: FeatureSchema) -> nn.Modul
 
   Keys a model does not use are ignored, so one `c.model` section serves every model.
   """
-  _import_models()
   name = model_cfg["name"]
   if name not in _MODELS:
     raise ConfigError(f"model.name={name!r}: unknown model (available: {', '.join(available_models())})")

@@ -14,7 +14,7 @@ import numpy as np
 
 from mscenario.errors import ConfigError
 from mscenario.models.embedding import embed_batch
-from mscenario.models.layers import ScenarioModel
+from mscenario.models.base import ScenarioModel
 from mscenario.models.registry import register
 
 # Feature names that describe the user even though they do not start with 'user'.

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from mscenario.errors import ConfigError
-from mscenario.models.layers import (ScenarioModel, get_activation, get_dtype,
-                                     pack_by_scenario)
+from mscenario.models.base import ScenarioModel
+from mscenario.models.layers import get_activation, get_dtype, pack_by_scenario
 from mscenario.models.registry import register
 
 SCENARIO_INIT = nn.initializers.normal(stddev=0.05)
