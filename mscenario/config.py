@@ -13,6 +13,7 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+import platformdirs
 from ml_collections import ConfigDict
 
 from mscenario.errors import ConfigError
@@ -22,7 +23,6 @@ def default_data_dir() -> str:
   """Where `mscenario data get` puts data sets (overridable with $MSCENARIO_DATA)."""
   if os.environ.get("MSCENARIO_DATA"):
     return os.environ["MSCENARIO_DATA"]
-  import platformdirs
   return platformdirs.user_data_dir("mscenario")
 
 
@@ -30,7 +30,6 @@ def default_cache_dir() -> str:
   """Prepared-data cache (fingerprint keyed); overridable with $MSCENARIO_CACHE."""
   if os.environ.get("MSCENARIO_CACHE"):
     return os.environ["MSCENARIO_CACHE"]
-  import platformdirs
   return platformdirs.user_cache_dir("mscenario")
 
 
