@@ -95,6 +95,18 @@ def update_table(workdir: str, table, *, config=None, transform=None,
 
   preemption: an entered fit.Preemption; on SIGTERM the training stops at the next step
   boundary without saving and fit.Preempted is raised (the update is all or nothing)."""
+  result = _apply(workdir, table, config=config, transform=transform, epochs=epochs,
+                  holdout=holdout, source=source, log=log, preemption=preemption)
+  if out:  # also after a no-op rerun: a kill during the export is completed now
+    # One call site for every path: the exported functions carry their call stack as debug
+    # locations, and a completed export must be byte-identical to an uninterrupted one.
+    result["export"] = _export(result["workdir"], out, result["step_to"], buckets, keep, log)
+  return result
+
+
+def _apply(workdir: str, table, *, config, transform, epochs, holdout, source, log,
+           preemption) -> dict:
+  """The update without its export: train and commit, complete a commit, or nothing."""
   from mscenario.data.prepare import PreparedData
   from mscenario.parallel import mesh as mesh_lib
   from mscenario.train import checkpoint as ckpt_lib
@@ -115,10 +127,7 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   if done:
     log(f"update {done[0]['update']}: these events were already applied (steps "
         f"{done[0]['step_from']} -> {done[0]['step_to']}); nothing to do")
-    result = {**done[0], "already_applied": True}
-    if out:  # a kill during the export: export now (or point CURRENT at the version)
-      result["export"] = _export(wd.path, out, done[0]["step_to"], buckets, keep, log)
-    return result
+    return {**done[0], "already_applied": True, "workdir": workdir}
   index = len(transform.state.get("updates", [])) + 1
   growth = transform.grow(table, index)
   arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
@@ -171,11 +180,9 @@ def update_table(workdir: str, table, *, config=None, transform=None,
       ckpts.wait()
   finally:
     ckpts.close()
-  result = _complete(wd, transform, record, t0, log)
+  result = {**_complete(wd, transform, record, t0, log), "workdir": workdir}
   if committed:
     result["completed_after_crash"] = True
-  if out:
-    result["export"] = _export(wd.path, out, record["step_to"], buckets, keep, log)
   return result
 
 
