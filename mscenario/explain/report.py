@@ -4,10 +4,15 @@ from __future__ import annotations
 import csv
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mscenario.explain import attribute, internals, plots, summary
+from mscenario.explain.attribute import _batch
+from mscenario.explain.integrated import make_logits_fn
+from mscenario.metrics import auc
+from mscenario.train.workdir import write_json
 
 
 def _clean(x):
@@ -19,7 +24,6 @@ def _clean(x):
 def _batches(explainer, arrays, idx, batch_size: int):
   """(batch with its embedding rows, real row count) per fixed-size batch of rows `idx`; the
   last batch is padded with copies of its first row (one compiled shape)."""
-  from mscenario.explain.attribute import _batch
   for lo in range(0, len(idx), batch_size):
     part = idx[lo: lo + batch_size]
     real = len(part)
@@ -48,8 +52,6 @@ def _gates(run, explainer, arrays, idx, batch_size: int):
 
 def _star(run, explainer, arrays, idx, batch_size: int):
   """Shared network alone vs full logits per scenario (None: no scenario factors)."""
-  from mscenario.explain.integrated import make_logits_fn
-  import jax
   shared_params = internals.identity_params(run.state.params, explainer.baseline.context)
   if shared_params is None:
     return None
@@ -62,7 +64,6 @@ def _star(run, explainer, arrays, idx, batch_size: int):
   scen = np.asarray(arrays["scenario"][idx]).astype(np.int64)
   labels = np.asarray(arrays["label"][idx])
   out = {}
-  from mscenario.metrics import auc
   for s, name in enumerate(run.setup.model.schema.scenario_names):
     m = scen == s
     if not m.any():
@@ -151,7 +152,6 @@ def write(out: str, run, explainer, a: attribute.Attributions, arrays, lines, so
                 "scenario similarity (cosine of per-scenario profiles)", vmin=-1.0, vmax=1.0,
                 cmap="coolwarm")
   _write_csv(os.path.join(out, "attributions.csv"), a, lines, names, feats)
-  from mscenario.train.workdir import write_json
   write_json(os.path.join(out, "explain.json"), result, indent=2)
   return result
 

@@ -3,10 +3,18 @@ explain.json, a per-row CSV and heatmap PNGs."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
+from mscenario.data.sources import load_source
 from mscenario.errors import MscenarioError
+from mscenario.explain import integrated, report
+from mscenario.explain.attribute import Explainer
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import loop
+from mscenario.train.evaluate import _text_tables
+from mscenario.train.workdir import CONFIG, WorkDir
 
 
 @dataclasses.dataclass
@@ -20,10 +28,6 @@ class Run:
 def load_run(workdir: str, overrides=(), log=print) -> Run:
   """Config, prepared data, built setup and best state of a work dir (evaluate_workdir's
   pattern)."""
-  from mscenario.parallel import mesh as mesh_lib
-  from mscenario.train import loop
-  from mscenario.train.evaluate import _text_tables
-  from mscenario.train.workdir import CONFIG, WorkDir
   wd = WorkDir(workdir)
   wd.require(CONFIG)
   config = wd.read_config(overrides)
@@ -45,9 +49,6 @@ def _sample(idx: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
 def _input_rows(run: Run, workdir: str, input_path: str):
   """(arrays, line numbers) of a CSV/Parquet file of raw rows, through the run's transform
   (predict's path: unknown values -> OOV; no label needed)."""
-  import os
-  from mscenario.data.sources import load_source
-  from mscenario.train.workdir import WorkDir
   if not os.path.isfile(input_path):
     raise MscenarioError(f"--input {input_path}: no such file")
   cfg = run.config.copy_and_resolve_references()
@@ -67,9 +68,6 @@ def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
                     log=print) -> dict:
   """Explain a work dir's best model; writes explain.json, attributions.csv and PNGs into
   `out` (default: the work dir) and returns explain.json's content."""
-  import os
-  from mscenario.explain import integrated, report
-  from mscenario.explain.attribute import Explainer
   if steps is None:
     steps = integrated.DEFAULT_STEPS
   if steps < 1 or batch_size < 1:
@@ -102,25 +100,3 @@ def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
                         batch_size=min(batch_size, len(idx)))
   log(report.summary_text(result, out))
   return result
-
-
-def cmd_explain(args, overrides):
-  explain_workdir(args.workdir, args.split, args.rows, args.input, args.out, args.steps,
-                  overrides=overrides)
-
-
-def add_cli(subparsers) -> None:
-  """Adds `explain` to the top-level `mscenario` parser."""
-  e = subparsers.add_parser(
-      "explain", help="per-feature attributions (integrated gradients) per row and scenario, "
-                      "model internals; writes explain.json, attributions.csv and PNGs")
-  e.add_argument("--workdir", required=True)
-  e.add_argument("--config", help="unused (the work dir's config is explained)")
-  e.add_argument("--split", default="test", choices=("train", "valid", "test"))
-  e.add_argument("--rows", type=int, default=2000,
-                 help="rows to explain, a seeded sample of the split or input (0 = all)")
-  e.add_argument("--input", help="CSV/Parquet of raw rows to explain instead of a split")
-  e.add_argument("--out", help="output dir (default: the work dir)")
-  e.add_argument("--steps", type=int, default=None,
-                 help="integrated-gradients path points (default 256)")
-  e.set_defaults(func=cmd_explain)

@@ -16,6 +16,7 @@ import os
 import tempfile
 
 from mscenario import config as config_lib
+from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
 from mscenario.metrics.plots import read_jsonl
 from mscenario.train import checkpoint as ckpt_lib
@@ -86,7 +87,6 @@ class WorkDir:
 
   def read_transform(self):
     """The fitted transform (vocabularies, normalisers; grown by `update`)."""
-    from mscenario.data.transform import Transform
     self.require(TRANSFORM)
     return Transform(self.read_json(TRANSFORM))
 

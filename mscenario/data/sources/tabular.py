@@ -12,8 +12,10 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mscenario.data.sources import _io
+from mscenario.data.sources.paths import resolve_path
 from mscenario.data.table import RawTable
 from mscenario.errors import ConfigError, DataError
 
@@ -48,7 +50,6 @@ def column_roles(data_cfg) -> tuple[set, set, dict]:
 
 def table_paths(data_cfg) -> list[tuple[str, str]]:
   """[(split, path)]: the train file alone, or train plus the given valid / test files."""
-  from mscenario.data.sources import resolve_path
   table = data_cfg.table
   if not _get(table, "train"):
     raise ConfigError("data.source='table' needs data.table.train (a .csv or .parquet path)")
@@ -81,7 +82,6 @@ def _read(path: str, delimiter: str, policy: _io.Policy) -> _io.Frame:
   if not os.path.isfile(path):
     raise DataError("file not found", file=path, expected="an existing .csv or .parquet file")
   if path.lower().endswith((".parquet", ".pq")):
-    import pyarrow.parquet as pq
     try:
       table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

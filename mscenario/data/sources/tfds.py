@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mscenario.data.sources import _io
 from mscenario.data.sources.tabular import SPLIT_COLUMN, column_roles
@@ -217,7 +218,6 @@ def _check_record(record: bytes, wanted: dict) -> tuple[str | None, str, str]:
 def _read_split(source, label: str, wanted: dict, as_text: set, policy: _io.Policy):
   """(columns as lists, kept record indices) of one split, decoded in blocks."""
   from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
-  from tqdm.auto import tqdm
   parse = example_pb2.Example.FromString
   n = len(source)
   cols = {name: [] for name in wanted}
