@@ -101,7 +101,6 @@ def build_step(config, data, mesh, model_cls=None):
   name = config.model.name
   saved = registry._MODELS.get(name)
   if model_cls is not None:
-    registry._import_models()
     saved = registry._MODELS[name]
     registry._MODELS[name] = model_cls
   try:
