@@ -1,6 +1,8 @@
 """Multi-controller training on one machine: two processes on 127.0.0.1 with 2 CPU devices each
 (gloo collectives) form one 4-device mesh and must train exactly like one process with 4
-devices; their checkpoint restores in one process with a different device count.
+devices; their checkpoint restores in one process with a different device count. A SIGTERM
+to one of them (a preemption notice) stops both at the same step through JAX's preemption
+service, with one checkpoint, and the resumed run ends like the uninterrupted one.
 
 Every process group is started in its own session and killed in a `finally`; every wait is
 bounded; the coordinator listens on loopback only, on a port chosen at run time.
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -153,3 +158,58 @@ def test_two_process_checkpoint_resumes_on_other_device_count(runs, tmp_path):
   assert any(json.loads(l).get("epoch") == 1 for l in open(from_multi / "metrics.jsonl"))
   _single(from_single, 4, "--config.train.epochs=2")
   _assert_same(from_single, from_multi, "ckpt")
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(runs, tmp_path):
+  """Process 1 gets SIGTERM mid-epoch: JAX's preemption service (the coordination service,
+  which works with the CPU/gloo runtime) agrees on a sync step; both processes save that one
+  checkpoint together, say so and exit 75; relaunching resumes there and ends like the
+  uninterrupted two-process run."""
+  _, multi, _ = runs
+  work = tmp_path / "preempted"
+  work.mkdir()
+  args = [*ARGS, "--config.train.steps_per_call=1"]  # a sync point after every step
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs, logs = [], [work / f"out_{i}.log" for i in range(2)]
+  try:
+    for i in range(2):
+      env = _env(MSCENARIO_COORDINATOR=f"127.0.0.1:{port}", MSCENARIO_NUM_PROCESSES="2",
+                 MSCENARIO_PROCESS_ID=str(i),
+                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
+      with open(logs[i], "w") as log:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mscenario", "train", "--config", SYNTHETIC, "--workdir",
+             str(work), *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+    metrics, deadline = work / "metrics.jsonl", time.time() + TIMEOUT
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # step 5 done
+      assert time.time() < deadline and all(p.poll() is None for p in procs), \
+          [f.read_text()[-2000:] for f in logs]
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=TIMEOUT) for p in procs]
+  finally:
+    for p in procs:
+      _killpg(p)
+  outs = [f.read_text() for f in logs]
+  assert codes == [75, 75], [o[-3000:] for o in outs]
+  saved = [re.findall(r"preempted \(SIGTERM\): checkpoint saved at step (\d+)", o) for o in outs]
+  assert saved[0] and saved[0] == saved[1], saved
+  assert "Traceback" not in outs[0] + outs[1]
+  step = int(saved[0][0])
+  assert sorted(int(d) for d in os.listdir(work / "ckpt") if d.isdigit()) == [step]
+  assert not (work / "results.json").exists()
+
+  out = _multi(work, 2, 2, "--config.train.steps_per_call=1")
+  assert f"resuming from step {step}" in out
+  for which in ("ckpt", "best"):
+    step_a, a = _params(multi, which)
+    step_b, b = _params(work, which)
+    assert step_a == step_b
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  ra = json.load(open(os.path.join(multi, "results.json")))
+  rb = json.load(open(os.path.join(work, "results.json")))
+  np.testing.assert_allclose(ra["overall"]["auc"], rb["overall"]["auc"], atol=1e-5)
