@@ -28,6 +28,7 @@ from mscenario.export import writer as export_lib
 from mscenario.export.format import DEFAULT_BUCKETS
 from mscenario.train import evaluate as evaluate_lib
 from mscenario.train import loop
+from mscenario.train import sweep as sweep_lib
 from mscenario.train import workdir as workdir_lib
 
 
@@ -47,8 +48,14 @@ def load_config(path: str, overrides: Mapping | Sequence[str] | None = None):
   return config_lib.load_config(path, _override_strings(overrides))
 
 
-def train(config, workdir: str, *, log=print) -> "Run":
-  """Train (or resume) `config` in `workdir`; the finished run."""
+def train(config, workdir: str, *, log=print) -> "Run | list[Run]":
+  """Train (or resume) `config` in `workdir`; the finished run. A config with a sweep
+  (`sweep.seed=(...)`) trains its replicas as one vectorised program and returns one Run
+  per replica (work dirs `workdir/seed=<s>`)."""
+  if sweep_lib.sweep_values(config):
+    sweep_lib.train(config, workdir, log=log)
+    return [Run(os.path.join(workdir, name), c)
+            for name, c in sweep_lib.replica_configs(config)]
   loop.train(config, workdir, log=log)
   return Run(workdir, config)
 

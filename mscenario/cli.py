@@ -60,7 +60,7 @@ def cmd_train(args, overrides):
   main_thread = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _preempted_early) if main_thread else None
   try:
-    from mscenario.train.loop import train
+    from mscenario.api import train
     config = _load_config(args, overrides)
     train(config, args.workdir)
   finally:

@@ -220,6 +220,12 @@ def base_config() -> ConfigDict:
   c.privacy.max_false_positives = 0  # cap on selected untouched rows per step; 0 = auto
   c.privacy.microbatch = 0         # units per vmap chunk of per-unit gradients; 0 = auto
 
+  # ---- vectorised sweeps (train/sweep.py) ---------------------------------------------------
+  # `--config.sweep.seed=2022,2023,2024`: one replica per seed (its own split, init, batch
+  # order, early stopping and work dir <workdir>/seed=<s>), all trained as one vmapped program.
+  c.sweep = ConfigDict()
+  c.sweep.seed = ()
+
   # ---- parallelism ----------------------------------------------------------------------
   c.mesh = ConfigDict()
   c.mesh.data = -1                 # -1 = all devices not used by `model`

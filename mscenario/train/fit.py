@@ -310,6 +310,12 @@ def make_source(setup, it: pipeline.BatchIterator):
 
 
 # ---------------------------------------------------------------------------- the loop
+def _steps(x) -> np.ndarray:
+  """A call's metric with a leading steps axis (a one-step call may return a scalar)."""
+  x = np.asarray(x)
+  return x[None] if x.ndim == 0 else x
+
+
 def check_finite(losses: np.ndarray, grad_norms: np.ndarray, step: int, epoch: int,
                  ckpts) -> None:
   """A non-finite loss or gradient norm in any step since the last check: stop before the
@@ -328,6 +334,16 @@ def check_finite(losses: np.ndarray, grad_norms: np.ndarray, step: int, epoch: i
       "for extreme values.")
 
 
+def _number(x):
+  """A metric as JSON: a float, or (vectorised sweeps: one value per replica) a list."""
+  x = np.asarray(x, np.float64)
+  return float(x) if x.ndim == 0 else [float(v) for v in x]
+
+
+def _short(x) -> str:
+  return " ".join(f"{v:.4f}" for v in np.atleast_1d(x))
+
+
 class _Pending:
   """Per-step metrics not yet fetched from the devices (fetching syncs the host)."""
 
@@ -341,8 +357,9 @@ class _Pending:
 
   def fetch(self):
     got = jax.device_get(self.metrics)
-    loss = np.concatenate([np.atleast_1d(m["loss"]) for m in got]).astype(np.float64)
-    gnorm = np.concatenate([np.atleast_1d(m["grad_norm"]) for m in got]).astype(np.float64)
+    # [steps] (one run) or [steps, replicas] (a vectorised sweep)
+    loss = np.concatenate([_steps(m["loss"]) for m in got]).astype(np.float64)
+    gnorm = np.concatenate([_steps(m["grad_norm"]) for m in got]).astype(np.float64)
     first = self.first_step
     self.metrics, self.first_step = [], None
     return first, loss, gnorm
@@ -371,7 +388,7 @@ def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, met
 def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, meta,
          end_of_epoch, stop_after_steps, checkpoint_every, log_every, extra_record, desc):
   is_main = jax.process_index() == 0
-  step = int(state.step)
+  step = int(np.max(state.step))  # a sweep's replicas step together
   extra = dict(extra_record or {})
   while progress["epoch"] < epochs and not progress.get("stopped"):
     epoch = progress["epoch"]
@@ -402,18 +419,19 @@ def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, m
           continue
         first, losses, gnorms = pending.fetch()
         check_finite(losses, gnorms, step, epoch, ckpts)
-        loss_sum, loss_n = loss_sum + float(losses.sum()), loss_n + len(losses)
+        loss_sum, loss_n = loss_sum + losses.sum(axis=0), loss_n + len(losses)
         elapsed = time.perf_counter() - t_last
         eps = n_last / max(elapsed, 1e-9)
         t_last, n_last = time.perf_counter(), 0
         for i, s in enumerate(range(first, step + 1)):
           since_record.append(losses[i])
           if s % log_every == 0 or (last and s == step):
-            record = {"step": s, "epoch": epoch, "loss": float(np.mean(since_record)),
-                      "grad_norm": float(gnorms[i]), "examples_per_sec": eps, **extra}
+            record = {"step": s, "epoch": epoch,
+                      "loss": _number(np.mean(since_record, axis=0)),
+                      "grad_norm": _number(gnorms[i]), "examples_per_sec": eps, **extra}
             since_record = []
             logger.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{eps:,.0f}")
+            bar.set_postfix(loss=_short(record["loss"]), ex_s=f"{eps:,.0f}")
         if preempted and last:  # the end-of-epoch checkpoint follows; then stop
           progress["preempted"] = True
         elif save or stop or preempted:
@@ -431,7 +449,7 @@ def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, m
     progress["epoch"], progress["batch"] = epoch + 1, 0
     preempted = progress.pop("preempted", False)
     if end_of_epoch is not None:
-      end_of_epoch(state, progress, step, loss_sum / max(loss_n, 1))
+      end_of_epoch(state, progress, step, _number(loss_sum / max(loss_n, 1)))
     if preempted:
       if end_of_epoch is None:
         ckpts.save_latest(step, state, meta(progress))

@@ -142,13 +142,16 @@ def opt_state_shardings(opt_state, params, param_shardings, default):
   return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
-def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> Setup:
+def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
+          schema=None) -> Setup:
   """`text_tables` ('items', 'scenarios' arrays): required when config.text.enabled; they
-  become the frozen, row-sharded 'text' collection of the model's variables."""
+  become the frozen, row-sharded 'text' collection of the model's variables. `schema`:
+  another layout of the data's features (a sweep's union of its replicas' vocabularies)."""
   from mscenario.models import fusion
   from mscenario.models.registry import build_model
   from mscenario.train import sparse
-  model_schema, text_values = data.schema, None
+  schema = data.schema if schema is None else schema
+  model_schema, text_values = schema, None
   if config.text.enabled:
     if text_tables is None:
       raise MscenarioError("config.text.enabled needs the text tables (loop.train encodes "
@@ -164,7 +167,6 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None) -> 
         model_schema, sequence=(seq.kind, int(seq.layers), int(seq.heads), int(seq.width),
                                 bool(seq.get("stats", True))))
   model = build_model(config.model, model_schema)
-  schema = data.schema
   embed_update = config.train.embed_update
   sparse_mode = embed_update != "dense"
   if sparse_mode:
@@ -403,8 +405,59 @@ def train(config, workdir: str, *, log=print) -> dict:
     return _train(config, workdir, preemption, log=log)
 
 
-def _train(config, workdir: str, preemption, *, log=print) -> dict:
-  distributed.maybe_initialize(config.distributed)
+@dataclasses.dataclass
+class RunParts:
+  """One run's pieces between start-up and the loop: what a sweep holds once per replica."""
+  config: object
+  wd: workdir_lib.WorkDir
+  setup: Setup
+  train_it: pipeline.BatchIterator
+  ckpts: ckpt_lib.Checkpoints
+  state: TrainState
+  progress: dict
+  logger: fit_lib.Logger
+  log: object
+
+  def meta(self, p: dict) -> dict:
+    return {**p, "config": self.config.to_dict()}
+
+  def end_of_epoch(self, state, p, step, epoch_loss) -> None:
+    """Validate; early stopping; best is committed before latest records it."""
+    tc, log = self.config.train, self.log
+    epoch = p["epoch"] - 1
+    result = evaluate_split(self.setup, state, "valid")
+    auc = result["overall"]["auc"]
+    per_scenario = {f"valid_{m}/{name}": r[m] for name, r in result["scenarios"].items()
+                    for m in ("auc", "logloss") if isinstance(r.get(m), float)}
+    self.logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
+                       "valid_logloss": result["overall"]["logloss"], **per_scenario})
+    log(f"epoch {epoch + 1}: valid AUC {auc:.4f}  LogLoss {result['overall']['logloss']:.4f}")
+    p["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
+    improved = auc > p["best_auc"]
+    if improved:
+      p["best_auc"], p["best_epoch"], p["bad_epochs"] = auc, epoch, 0
+    else:
+      p["bad_epochs"] += 1
+      if tc.patience and p["bad_epochs"] >= tc.patience:
+        p["stopped"] = True
+        log(f"train: early stopping after epoch {epoch + 1} (best epoch "
+            f"{p['best_epoch'] + 1}, valid AUC {p['best_auc']:.4f})")
+    if improved:
+      self.ckpts.save_best(step, state, self.meta(p))
+      self.ckpts.best.wait_until_finished()
+    self.ckpts.save_latest(step, state, self.meta(p))
+
+  def finish(self) -> dict:
+    """The final report (results.json) from the best state, then close the managers."""
+    results = final_report(self.setup, self.ckpts, self.wd.path, self.log)
+    self.ckpts.close()
+    fit_lib.write_hparams(self.wd, self.config, results)
+    return results
+
+
+def open_run(config, workdir: str, mesh, *, log=print) -> RunParts:
+  """Check the work dir against `config`, load the data, build the state's program, restore
+  the latest checkpoint (or initialise) and open the logger."""
   wd = workdir_lib.WorkDir(workdir)
   os.makedirs(wd.path, exist_ok=True)
   if wd.exists(workdir_lib.CONFIG):
@@ -412,7 +465,6 @@ def _train(config, workdir: str, preemption, *, log=print) -> dict:
   if jax.process_index() != 0:
     log = lambda *_: None  # noqa: E731
   data = load_data(config, log)
-  mesh = mesh_lib.make_mesh(config.mesh)
   text_tables = None
   if config.text.enabled:
     from mscenario.models.fusion import prepare_text_tables
@@ -444,63 +496,39 @@ def _train(config, workdir: str, preemption, *, log=print) -> dict:
     log(f"train: resuming from step {int(state.step)} (epoch {progress['epoch']}, batch "
         f"{progress['batch']}) in {wd.path}")
   logger = fit_lib.Logger(wd, int(state.step))
-  source = fit_lib.make_source(setup, train_it)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  return RunParts(config, wd, setup, train_it, ckpts, state, progress, logger, log)
+
+
+def _train(config, workdir: str, preemption, *, log=print) -> dict:
+  distributed.maybe_initialize(config.distributed)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  run = open_run(config, workdir, mesh, log=log)
+  setup, tc, log = run.setup, config.train, run.log
+  source = fit_lib.make_source(setup, run.train_it)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(run.state.params))
   where = ("device-resident data, " f"{source.max_steps_per_call} steps/call"
            if isinstance(source, fit_lib.DeviceBatches) else "host input pipeline")
   log(f"train: model {config.model.name} ({n_params:,} parameters), "
-      f"{len(data.splits['train']):,} train rows, {train_it.num_batches} steps/epoch, "
-      f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s), "
-      f"{where}")
-
-  def meta(p):
-    return {**p, "config": config.to_dict()}
-
-  def end_of_epoch(state, p, step, epoch_loss):
-    """Validate; early stopping; best is committed before latest records it."""
-    epoch = p["epoch"] - 1
-    result = evaluate_split(setup, state, "valid")
-    auc = result["overall"]["auc"]
-    per_scenario = {f"valid_{m}/{name}": r[m] for name, r in result["scenarios"].items()
-                    for m in ("auc", "logloss") if isinstance(r.get(m), float)}
-    logger.write({"step": step, "epoch": epoch, "valid_auc": auc,
-                  "valid_logloss": result["overall"]["logloss"], **per_scenario})
-    log(f"epoch {epoch + 1}: valid AUC {auc:.4f}  LogLoss {result['overall']['logloss']:.4f}")
-    p["history"].append({"epoch": epoch, "step": step, "valid_auc": auc})
-    improved = auc > p["best_auc"]
-    if improved:
-      p["best_auc"], p["best_epoch"], p["bad_epochs"] = auc, epoch, 0
-    else:
-      p["bad_epochs"] += 1
-      if tc.patience and p["bad_epochs"] >= tc.patience:
-        p["stopped"] = True
-        log(f"train: early stopping after epoch {epoch + 1} (best epoch "
-            f"{p['best_epoch'] + 1}, valid AUC {p['best_auc']:.4f})")
-    if improved:
-      ckpts.save_best(step, state, meta(p))
-      ckpts.best.wait_until_finished()
-    ckpts.save_latest(step, state, meta(p))
-
+      f"{len(setup.data.splits['train']):,} train rows, {run.train_it.num_batches} "
+      f"steps/epoch, mesh {dict(mesh.shape)}, {jax.device_count()} "
+      f"{jax.default_backend()} device(s), {where}")
   try:
     state, progress = fit_lib.fit(
-        setup, state, progress, source, epochs=tc.epochs, ckpts=ckpts, logger=logger,
-        meta=meta, end_of_epoch=end_of_epoch, stop_after_steps=tc.stop_after_steps,
-        checkpoint_every=tc.checkpoint_every_steps, log_every=tc.log_every_steps,
-        preemption=preemption)
+        setup, run.state, run.progress, source, epochs=tc.epochs, ckpts=run.ckpts,
+        logger=run.logger, meta=run.meta, end_of_epoch=run.end_of_epoch,
+        stop_after_steps=tc.stop_after_steps, checkpoint_every=tc.checkpoint_every_steps,
+        log_every=tc.log_every_steps, preemption=preemption)
   finally:
-    ckpts.wait()
-    logger.close()
+    run.ckpts.wait()
+    run.logger.close()
   if tc.stop_after_steps >= 0 and not progress.get("finished"):
-    ckpts.close()
+    run.ckpts.close()
     return {}
   if preemption.flag:  # arrived after the last step: training is saved, the report is not
-    ckpts.close()
+    run.ckpts.close()
     raise fit_lib.Preempted("preempted (SIGTERM) after the last training step (checkpoint "
                             "saved); run the same command to write the final report")
-  results = final_report(setup, ckpts, wd.path, log)
-  ckpts.close()
-  fit_lib.write_hparams(wd, config, results)
-  return results
+  return run.finish()
 
 
 def final_report(setup, ckpts, workdir: str, log=print) -> dict:
