@@ -239,12 +239,14 @@ class _Replicas:
   """Checkpoints and logger of the sweep: each call goes to every replica still training,
   with that replica's slice of the stacked state in its own layout."""
 
-  def __init__(self, runs: list, maps: list[np.ndarray]):
-    self.runs, self.maps = runs, maps
+  def __init__(self, runs: list, maps: list[np.ndarray], names: list[str], log=print):
+    self.runs, self.maps, self.names, self.log = runs, maps, names, log
     self.done = [bool(run.progress.get("stopped")) for run in runs]
 
   def state(self, states, r: int):
-    return from_union(jax.tree_util.tree_map(lambda x: x[r], states), self.maps[r])
+    """Replica r's state in its own layout, placed as its own run places it."""
+    own = from_union(jax.tree_util.tree_map(lambda x: x[r], states), self.maps[r])
+    return jax.device_put(own, self.runs[r].setup.state_shardings)
 
   def meta(self, p: dict) -> dict:
     return p
@@ -273,6 +275,7 @@ class _Replicas:
       run.logger.write({k: (v[r] if isinstance(v, list) else v) for k, v in record.items()})
 
   def end_of_epoch(self, states, p: dict, step: int, epoch_loss) -> None:
+    shown = []
     for r, run in enumerate(self.runs):
       if self.done[r]:
         continue
@@ -282,6 +285,9 @@ class _Replicas:
       rp.update({k: v for k, v in own.items() if k not in ("epoch", "batch")})
       # Its separate run would end here: nothing more is logged or saved for it.
       self.done[r] = bool(own.get("stopped"))
+      auc = own["history"][-1]["valid_auc"]
+      shown.append(f"{self.names[r]} {auc:.4f}" + (" (early stop)" if self.done[r] else ""))
+    self.log(f"epoch {p['epoch']}: valid AUC {', '.join(shown)}")
     p["stopped"] = all(self.done)
 
   def close(self) -> None:
@@ -319,7 +325,8 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
   union = union_schema([run.setup.data.schema for run in runs])
   union_setup = loop.build(replicas[0][1], runs[0].setup.data, mesh, schema=union)
   maps = [row_map(run.setup.data.schema, union) for run in runs]
-  fan = _Replicas(runs, maps)
+  names = [name for name, _ in replicas]
+  fan = _Replicas(runs, maps, names, log)
   positions = {(run.progress["epoch"], run.progress["batch"]) for run in runs
                if not run.progress.get("stopped")}
   if len(positions) > 1:
@@ -335,7 +342,6 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
                             if k not in ("epoch", "batch", "config")} for run in runs]}
   progress["stopped"] = all(fan.done)
   source = SweepBatches(union_setup, runs, int(config.train.get("steps_per_call", 32)))
-  names = [name for name, _ in replicas]
   log(f"sweep: {len(runs)} replicas of {config.model.name} ({', '.join(names)}) as one "
       f"vmapped program, {source.num_batches} steps/epoch, mesh {dict(mesh.shape)}; work "
       f"dirs under {workdir}")
