@@ -36,6 +36,7 @@ from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import fit as fit_lib
 from mscenario.train import loop
+from mscenario.train import state as state_lib
 from mscenario.train import workdir as workdir_lib
 
 SWEEP_FILE = "sweep.json"
@@ -308,6 +309,9 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
   if config.text.enabled:
     raise ConfigError("sweep: text features are not supported in vectorised sweeps yet; "
                       "run the seeds as separate runs")
+  if config.privacy.enabled:
+    raise ConfigError("sweep: differentially private training samples its own batches "
+                      "(Poisson); run the seeds as separate runs")
   if config.train.embed_update != "dense":
     raise ConfigError(f"sweep: train.embed_update={config.train.embed_update!r}: vectorised "
                       "sweeps support the dense embedding update only")
@@ -323,7 +327,7 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
       raise ConfigError("sweep: the replicas' columns must fit on the devices "
                         "(data.on_device / data.device_budget_mb)")
   union = union_schema([run.setup.data.schema for run in runs])
-  union_setup = loop.build(replicas[0][1], runs[0].setup.data, mesh, schema=union)
+  union_setup = state_lib.build(replicas[0][1], runs[0].setup.data, mesh, schema=union)
   maps = [row_map(run.setup.data.schema, union) for run in runs]
   names = [name for name, _ in replicas]
   fan = _Replicas(runs, maps, names, log)
