@@ -223,8 +223,12 @@ def base_config() -> ConfigDict:
   # ---- vectorised sweeps (train/sweep.py) ---------------------------------------------------
   # `--config.sweep.seed=2022,2023,2024`: one replica per seed (its own split, init, batch
   # order, early stopping and work dir <workdir>/seed=<s>), all trained as one vmapped program.
+  # Several keys: replica i takes the i-th value of each (equal lengths).
   c.sweep = ConfigDict()
   c.sweep.seed = ()
+  c.sweep.learning_rate = ()       # train.learning_rate per replica
+  c.sweep.embed_learning_rate = ()  # train.embed_learning_rate per replica
+  c.sweep.weight_decay = ()        # train.weight_decay per replica (optimizer adamw)
 
   # ---- parallelism ----------------------------------------------------------------------
   c.mesh = ConfigDict()

@@ -18,6 +18,7 @@ from mscenario.errors import ConfigError
 from mscenario.train import loop, sweep
 
 SEEDS = (5, 6)
+RATES = (1e-3, 3e-3)
 SMOOTH = "--config.model.activation=gelu"
 
 
@@ -40,19 +41,20 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
   a different order (1-ulp differences from the first step; measured: <= 1.2e-7 in every
   parameter after 62 steps, <= 1e-8 in any metric). GELU keeps those ulps from crossing a
   ReLU kink and growing (see test_sharding.py)."""
-  seeds = ",".join(map(str, SEEDS))
-  cfg = _config(tmp_path, f"--config.sweep.seed={seeds}", "--config.train.stop_after_steps=31",
-                SMOOTH)
+  swept_keys = (f"--config.sweep.seed={','.join(map(str, SEEDS))}",
+                f"--config.sweep.learning_rate={','.join(map(str, RATES))}")
+  cfg = _config(tmp_path, *swept_keys, "--config.train.stop_after_steps=31", SMOOTH)
   assert sweep.train(cfg, str(tmp_path / "sweep"), log=lambda *_: None) == []
-  cfg = _config(tmp_path, f"--config.sweep.seed={seeds}", SMOOTH)
+  cfg = _config(tmp_path, *swept_keys, SMOOTH)
   swept = sweep.train(cfg, str(tmp_path / "sweep"), log=lambda *_: None)
   summary = json.load(open(tmp_path / "sweep" / sweep.SWEEP_FILE))
-  assert summary["replicas"] == [f"seed={s}" for s in SEEDS]
+  names = [f"seed={s},learning_rate={r}" for s, r in zip(SEEDS, RATES)]
+  assert summary["replicas"] == names
   assert summary["test_auc"]["values"] == [r["overall"]["auc"] for r in swept]
-  for seed, result in zip(SEEDS, swept):
-    loop.train(_config(tmp_path, f"--config.seed={seed}", SMOOTH),
-               str(tmp_path / f"alone{seed}"), log=lambda *_: None)
-    replica = tmp_path / "sweep" / f"seed={seed}"
+  for seed, rate, name in zip(SEEDS, RATES, names):
+    loop.train(_config(tmp_path, f"--config.seed={seed}", f"--config.train.learning_rate={rate}",
+                       SMOOTH), str(tmp_path / f"alone{seed}"), log=lambda *_: None)
+    replica = tmp_path / "sweep" / name
     a = flatten(json.load(open(replica / "results.json")), sep="/")
     b = flatten(json.load(open(tmp_path / f"alone{seed}" / "results.json")), sep="/")
     assert a.keys() == b.keys()
@@ -99,13 +101,16 @@ def test_union_layout_round_trip():
 
 def test_bad_sweeps_are_clear_errors(tmp_path):
   cfg = _config(tmp_path, "--config.sweep.seed=(1,1)")
-  with pytest.raises(ConfigError, match="repeated"):
+  with pytest.raises(ConfigError, match="same run"):
     sweep.sweep_values(cfg)
   cfg = _config(tmp_path)
   with cfg.sweep.unlocked():
-    cfg.sweep.learning_rate = (0.1, 0.2)
+    cfg.sweep.dropout = (0.1, 0.2)
   with pytest.raises(ConfigError, match="not sweepable"):
     sweep.sweep_values(cfg)
+  with pytest.raises(ConfigError, match="same number"):
+    sweep.sweep_values(_config(tmp_path, "--config.sweep.seed=1,2",
+                               "--config.sweep.learning_rate=0.1,0.2,0.3"))
   assert sweep.sweep_values(_config(tmp_path)) == {}
   names = [n for n, _ in sweep.replica_configs(_config(tmp_path, "--config.sweep.seed=3,4"))]
   assert names == ["seed=3", "seed=4"]

@@ -41,6 +41,7 @@ class Setup:
   eval_fn: object = None    # the pure eval step (eval_step is its jit)
   cache: dict = dataclasses.field(default_factory=dict)  # device-resident columns (fit.py)
   privacy: object = None    # privacy.Plan when config.privacy.enabled
+  step_for: object = None   # train config -> pure train step (sweeps: per-replica optimizer)
 
 
 def example_batch(data: PreparedData, size: int) -> dict:
@@ -180,6 +181,15 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
                       f"'{config.data.item_field}'")
   plan = (privacy_lib.make_plan(config, data, abstract_state.model_state)
           if config.privacy.enabled else None)
+
+  def step_for(train_cfg):
+    """The train step under `train_cfg`'s optimizer settings (a sweep passes traced
+    per-replica learning rates; the optimizer state's structure does not change)."""
+    return make_train_step(model, make_optimizer(train_cfg, abstract_params,
+                                                 clip=not sparse_mode),
+                           schema, embed_update, train_cfg.embed_learning_rate,
+                           train_cfg.grad_clip_norm, (id_slot, id_dropout))
+
   step_fn = (privacy_lib.make_private_step(model, tx, schema, embed_update,
                                            config.train.embed_learning_rate, plan,
                                            (id_slot, id_dropout)) if plan else
@@ -197,7 +207,8 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
   if text_values is not None:
     create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
-               eval_step, abstract, create, step_fn, eval_fn, privacy=plan)
+               eval_step, abstract, create, step_fn, eval_fn, privacy=plan,
+               step_for=step_for)
 
 
 def _with_text_tables(create, values: dict, model_state_shardings):

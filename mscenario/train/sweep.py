@@ -1,4 +1,5 @@
-"""Vectorised sweeps: several runs of one config that differ only in their seed, trained side
+"""Vectorised sweeps: several runs of one config that differ in their seed and/or optimizer
+settings (learning rates, weight decay), trained side
 by side as one `jax.vmap`-ed, scanned program (`--config.sweep.seed=2022,2023,2024`).
 
 Why: a multi-scenario model at batch 4096 leaves an accelerator (and a CPU core's vector
@@ -42,7 +43,27 @@ from mscenario.train import workdir as workdir_lib
 SWEEP_FILE = "sweep.json"
 # Sweepable keys: config path of each `sweep.<name>`. Only values that leave the program's
 # shapes and constants alone can differ between vmapped replicas.
-SWEEPABLE = {"seed": "seed"}
+SWEEPABLE = {"seed": "seed", "learning_rate": "train.learning_rate",
+             "embed_learning_rate": "train.embed_learning_rate",
+             "weight_decay": "train.weight_decay"}
+# Swept optimizer settings enter the vmapped step as per-replica values (not constants); the
+# optimizer's state has the same structure as a separate run's, so checkpoints are ordinary.
+OPTIMIZER_KEYS = ("learning_rate", "embed_learning_rate", "weight_decay")
+
+
+class _TrainOverlay:
+  """config.train with some values replaced (by a replica's traced hyperparameters)."""
+
+  def __init__(self, train_cfg, values: dict):
+    self._cfg, self._values = train_cfg, values
+
+  def __getattr__(self, name):
+    if name in self._values:
+      return self._values[name]
+    return getattr(self._cfg, name)
+
+  def get(self, name, default=None):
+    return self._values[name] if name in self._values else self._cfg.get(name, default)
 
 
 def sweep_values(config) -> dict[str, tuple]:
@@ -56,12 +77,13 @@ def sweep_values(config) -> dict[str, tuple]:
       raise ConfigError(f"sweep.{name}: not sweepable (sweepable: {sorted(SWEEPABLE)})")
     values = tuple(values)
     if values:
-      if len(set(values)) != len(values):
-        raise ConfigError(f"sweep.{name}={values}: repeated values")
       out[name] = values
+  out = {k: out[k] for k in SWEEPABLE if k in out}  # names list the seed first
   if len(out) > 1 and len({len(v) for v in out.values()}) > 1:
-    raise ConfigError(f"sweep: every swept key needs the same number of values, got "
-                      f"{ {k: len(v) for k, v in out.items()} }")
+    raise ConfigError(f"sweep: every swept key needs the same number of values (replica i "
+                      f"takes the i-th of each), got { {k: len(v) for k, v in out.items()} }")
+  if out and len(set(zip(*out.values()))) != len(next(iter(out.values()))):
+    raise ConfigError(f"sweep: two replicas would be the same run ({out})")
   return out
 
 
@@ -187,7 +209,8 @@ class SweepBatches:
                           f"({[c.shape for c in cols]})")
       self.columns[k] = fit_lib.upload_replicated(np.stack(cols), rep)
     self.index_sharding = NamedSharding(mesh, P(None, None, "data"))
-    self._multi = _vmapped_steps(union_setup, {k: rep for k in keys}, self.index_sharding)
+    self._multi = _vmapped_steps(union_setup, {k: rep for k in keys}, self.index_sharding,
+                                 [r.config for r in runs])
     self._rows = self._weight = None
     self._pos = 0
 
@@ -209,21 +232,29 @@ class SweepBatches:
     self._rows = self._weight = None
 
 
-def _vmapped_steps(setup, column_shardings: dict, index_sharding):
+def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list):
   """jit of (states, columns, rows, weight, start, n) -> n steps of every replica: a scan
-  whose body is the one-run gather-then-step, vmapped over the replica axis."""
-  step_fn = setup.step_fn
+  whose body is the one-run gather-then-step, vmapped over the replica axis. Optimizer
+  settings that differ between the replicas' configs are vmapped arguments of the step."""
+  swept = {k: np.asarray([c.train[k] for c in configs], np.float32) for k in OPTIMIZER_KEYS
+           if len({c.train[k] for c in configs}) > 1}
+  if swept and setup.config.train.optimizer != "adamw" and "weight_decay" in swept:
+    raise ConfigError("sweep.weight_decay needs train.optimizer=adamw (the other optimizers "
+                      "add weight decay as a separate stage only when it is non-zero)")
+  train_cfg = setup.config.train
 
-  def one(state, columns, rows, weight):
+  def one(state, columns, rows, weight, hyper):
+    step_fn = (setup.step_for(_TrainOverlay(train_cfg, hyper)) if hyper else setup.step_fn)
     batch = {k: jnp.take(c, rows, axis=0) for k, c in columns.items()}
     return step_fn(state, {**batch, "weight": weight})
 
   def multi(states, columns, rows, weight, start, n):
     rows = jax.lax.dynamic_slice_in_dim(rows, start, n, axis=1)
     weight = jax.lax.dynamic_slice_in_dim(weight, start, n, axis=1)
+    hyper = {k: jnp.asarray(v) for k, v in swept.items()}
 
     def body(states, xs):
-      return jax.vmap(one)(states, columns, *xs)
+      return jax.vmap(one)(states, columns, *xs, hyper)
 
     return jax.lax.scan(body, states, (jnp.swapaxes(rows, 0, 1), jnp.swapaxes(weight, 0, 1)))
 
