@@ -37,10 +37,11 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
   """Interrupted after epoch 1's last step (before its validation) and resumed, each replica
   ends with its separate run's results.json and parameters, to rounding.
 
-  Not bit for bit: vmap turns each matmul into a batched one, which XLA's CPU backend sums in
-  a different order (1-ulp differences from the first step; measured: <= 1.2e-7 in every
-  parameter after 62 steps, <= 1e-8 in any metric). GELU keeps those ulps from crossing a
-  ReLU kink and growing (see test_sharding.py)."""
+  Not bit for bit: XLA compiles the replica axis into a differently shaped program and sums
+  some reductions in another order (1-ulp differences from the first steps, measured even for
+  a one-replica sweep and for lax.map instead of vmap; <= 1.2e-7 in every parameter after 62
+  steps, <= 1e-8 in any metric). GELU keeps those ulps from crossing a ReLU kink and growing
+  (see test_sharding.py)."""
   swept_keys = (f"--config.sweep.seed={','.join(map(str, SEEDS))}",
                 f"--config.sweep.learning_rate={','.join(map(str, RATES))}")
   cfg = _config(tmp_path, *swept_keys, "--config.train.stop_after_steps=31", SMOOTH)

@@ -102,8 +102,9 @@ def replica_configs(config) -> list[tuple[str, object]]:
         for p in reversed(path):
           parent = parent[p]
         parent[node] = type(parent[node])(v[r])
-      for k in c.sweep:
-        c.sweep[k] = ()
+      for k in SWEEPABLE:
+        if k in c.sweep:
+          c.sweep[k] = ()
     out.append((name, c))
   return out
 
