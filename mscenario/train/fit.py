@@ -23,11 +23,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mscenario.data import pipeline
 from mscenario.errors import ConfigError, MscenarioError
+from mscenario.flat import flatten
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import workdir as workdir_lib
 
@@ -75,7 +77,6 @@ class Preemption:
   def requested(self) -> bool:
     self.calls += 1
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       try:
         return multihost_utils.reached_preemption_sync_point(self.calls)
       except RuntimeError:  # preemption service not enabled in this runtime
@@ -124,7 +125,6 @@ def write_hparams(wd: workdir_lib.WorkDir, config, results: dict) -> None:
     from tensorboardX import SummaryWriter
   except ImportError:
     return
-  from mscenario.flat import flatten
   flat = flatten(json.loads(json.dumps(config.to_dict(), default=str)), sep=".")
   hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
              for k, v in flat.items()
