@@ -38,8 +38,6 @@ from mscenario.errors import ConfigError, MscenarioError
 # jax and the training stack are imported inside the functions: the CLI registers this
 # command on every invocation and must stay fast to start.
 
-EXIT_PREEMPTED = 75  # fit.Preempted.EXIT_CODE (not imported: that loads JAX)
-
 
 def load_workdir(workdir: str, overrides=()):
   """(config, transform) of a trained work dir, or a clear error why it cannot be updated."""
@@ -340,14 +338,21 @@ def _log_summary(r: dict, log) -> None:
 
 
 def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
-  """`mscenario update` on a CSV/Parquet file of new events. SIGTERM (preemption) stops the
-  training at its next step boundary with nothing saved (fit.Preempted, exit 75); once the
-  trained update is being committed, the commit finishes first."""
+  """`mscenario update` on a CSV/Parquet file of new events. SIGTERM (preemption) before
+  training or during it stops the update with nothing saved (fit.Preempted, exit 75): at once
+  during start-up, at the next step boundary in training; once the trained update is being
+  committed, the commit finishes first."""
   from mscenario.train import fit as fit_lib
   with fit_lib.Preemption() as preemption:
+    def stop_if_preempted():
+      if preemption.flag or _startup_sigterm:
+        raise fit_lib.Preempted("preempted (SIGTERM) while `update` was starting: nothing "
+                                "was written; run the same command to update")
+    stop_if_preempted()
     workdir = os.path.abspath(workdir)
     config, transform = load_workdir(workdir, overrides)
     table = read_events(config, data_path)
+    stop_if_preempted()
     result = update_table(workdir, table, config=config, transform=transform,
                           source=os.path.abspath(data_path), preemption=preemption, **kwargs)
     if preemption.flag:
@@ -356,17 +361,22 @@ def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
     return result
 
 
-def _preempted_at_start(signum, frame):
-  print("mscenario: preempted (SIGTERM) while `update` was starting: nothing was written; run "
-        "the same command to update", file=sys.stderr)
-  raise SystemExit(EXIT_PREEMPTED)
+_startup_sigterm: list = []  # SIGTERMs before update() took the signal over
+
+
+def _note_sigterm(signum, frame):
+  # Only noted: raising here could land inside a native module's initialisation (importing
+  # jaxlib), which aborts the process (SIGABRT) instead of unwinding (seen in the long run).
+  _startup_sigterm.append(signum)
 
 
 def cmd_update(args, overrides):
   # Until update() installs the preemption handler (after importing the training stack), a
-  # SIGTERM ends start-up the way a preemption does (exit 75), not by the default action.
+  # SIGTERM is noted and ends start-up the way a preemption does (exit 75), not by the
+  # default action.
   main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _preempted_at_start) if main_thread else None
+  _startup_sigterm.clear()
+  previous = signal.signal(signal.SIGTERM, _note_sigterm) if main_thread else None
   try:
     update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
            holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep)
