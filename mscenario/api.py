@@ -54,10 +54,18 @@ def train(config, workdir: str, *, log=print) -> "Run | list[Run]":
   per replica (work dirs `workdir/seed=<s>`)."""
   if sweep_lib.sweep_values(config):
     sweep_lib.train(config, workdir, log=log)
-    return [Run(os.path.join(workdir, name), c)
+    return [_carry_collaborative(Run(os.path.join(workdir, name), c))
             for name, c in sweep_lib.replica_configs(config)]
   loop.train(config, workdir, log=log)
-  return Run(workdir, config)
+  return _carry_collaborative(Run(workdir, config))
+
+
+def _carry_collaborative(run: "Run") -> "Run":
+  """A data.collaborative run keeps its CF state in its work dir from here on (predict,
+  export and update read it there; the prepared-data cache may go)."""
+  if jax.process_index() == 0 and run.workdir.exists(workdir_lib.TRANSFORM):
+    run.workdir.read_collaborative(run.workdir.read_json(workdir_lib.TRANSFORM))
+  return run
 
 
 class Run:

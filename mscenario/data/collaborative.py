@@ -11,6 +11,16 @@ use the CF model fitted on all training rows. Validation/test feedback is never 
 training counts (cf_user_count, cf_item_count) count rows, not feedback, so they use all
 training rows everywhere (the same distribution in every split).
 
+Online (predict, export/serve, update): the all-training-rows model travels with the run
+(STATE_FILE: the work dir, each exported version). Stored compactly: biases, the top-K
+neighbour lists, the SVD factors, counts, the raw-id -> CF-id keys and the training
+interactions (user, item, feedback); the residual matrix the KNN scores read is rebuilt from
+the interactions at load, bit for bit as fitted. `add_columns` computes a raw row's cf_* values
+exactly as data preparation did for validation/test rows; `refit` adds `update`'s new events
+(new users and items get new CF ids) and fits again on all interactions. A user or item the
+state has never seen is the OOV id (1), which has no training rows: a new user gets the item's
+signals only (baseline mu + b_i, item count), a new item the user's only, both new mu.
+
 Scale: scipy.sparse matrices throughout; similarities are computed in row chunks and cut to
 the top-K neighbours per chunk; scoring gathers from (chunk x items) blocks, so nothing of
 size users x items is ever dense.
@@ -19,13 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import types
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from mscenario.data.transform import _vocab_ids, as_str_column
-from mscenario.errors import ConfigError
+from mscenario.data.schema import FIRST_ID, OOV_ID
+from mscenario.data.transform import MISSING, as_str_column
+from mscenario.errors import ConfigError, MscenarioError
 
 # The appended dense columns, in order (raw values; the prepared array holds them standardised
 # with the training rows' mean and std, stored in the transform state like any dense feature).
@@ -41,7 +54,8 @@ FEATURES = (
     "cf_user_count",        # log1p(training rows of the user)
     "cf_item_count",        # log1p(training rows of the item)
 )
-STATE_FILE = "collaborative.npz"  # the all-training-rows CF model, in the prepared data dir
+STATE_FILE = "collaborative.npz"  # the all-training-rows CF model (prepared data, work dir, export)
+STATE_VERSION = 2  # 2: compact, with interactions + id keys (refit by update); 1: residual only
 _BLOCK_FLOATS = 1 << 25  # largest dense (chunk x n) block: 256 MiB of float64
 
 
@@ -59,16 +73,38 @@ class CFModel:
   item_factors: np.ndarray     # [n_items, k] V
   user_count: np.ndarray       # [n_users] training rows (all training rows)
   item_count: np.ndarray       # [n_items]
+  # The interactions fitted on (CF ids, feedback): what `refit` adds new events to.
+  users: np.ndarray | None = None
+  items: np.ndarray | None = None
+  values: np.ndarray | None = None
+  # Raw id of CF id FIRST_ID + k (the training vocabulary, then ids added by `refit`).
+  user_keys: np.ndarray | None = None
+  item_keys: np.ndarray | None = None
+  # {"version", "config": data.collaborative, "seed", "applied": [update fingerprints]}
+  meta: dict = dataclasses.field(default_factory=dict)
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  _DERIVED = ("residual", "rated")  # rebuilt from the interactions at load
+  _OWN = ("meta", "_cache")
 
   def to_bytes(self) -> bytes:
-    out = {"mu": np.float64(self.mu)}
+    """npz bytes. With interactions: the compact form (no residual/rated; feedback as float32
+    when that is exact); without (a fold model): the residual matrices themselves."""
+    compact = self.users is not None
+    out = {"mu": np.float64(self.mu),
+           "meta": np.asarray(json.dumps({**self.meta, "version": STATE_VERSION
+                                          if compact else 1}))}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
+      if f.name in ("mu", *self._OWN) or v is None or (compact and f.name in self._DERIVED):
+        continue
       if sp.issparse(v):
         for part in ("data", "indices", "indptr"):
           out[f"{f.name}.{part}"] = getattr(v, part)
         out[f"{f.name}.shape"] = np.asarray(v.shape)
-      elif f.name != "mu":
+      elif f.name == "values" and np.array_equal(v.astype(np.float32), v):
+        out[f.name] = v.astype(np.float32)  # stars, 0/1 labels: exact in float32
+      else:
         out[f.name] = v
     buf = io.BytesIO()
     np.savez(buf, **out)
@@ -77,16 +113,67 @@ class CFModel:
   @classmethod
   def load(cls, path_or_bytes) -> "CFModel":
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-    z = np.load(src)
+    z = np.load(src, allow_pickle=False)
     kw = {}
     for f in dataclasses.fields(cls):
       if f"{f.name}.data" in z:
         kw[f.name] = sp.csr_matrix((z[f"{f.name}.data"], z[f"{f.name}.indices"],
                                     z[f"{f.name}.indptr"]), shape=tuple(z[f"{f.name}.shape"]))
-      else:
+      elif f.name in z and f.name not in cls._OWN:
         kw[f.name] = z[f.name]
     kw["mu"] = float(kw["mu"])
+    kw["meta"] = json.loads(str(z["meta"])) if "meta" in z else {"version": 1}
+    if "users" in kw:  # compact: the residual exactly as `fit` built it
+      kw["users"] = kw["users"].astype(np.int64)
+      kw["items"] = kw["items"].astype(np.int64)
+      kw["values"] = kw["values"].astype(np.float64)
+      kw["residual"], kw["rated"] = _residual(kw["users"], kw["items"], kw["values"],
+                                              kw["mu"], kw["user_bias"], kw["item_bias"])
     return cls(**kw)
+
+  # -- raw ids -> CF ids -------------------------------------------------------------------
+  def set_keys(self, user_vocab, item_vocab) -> None:
+    """The raw ids behind CF ids FIRST_ID.. (the transform's user / item vocabularies)."""
+    self.user_keys = np.asarray(list(user_vocab), dtype=str)
+    self.item_keys = np.asarray(list(item_vocab), dtype=str)
+    self._cache.clear()
+
+  def _ids(self, side: str, raw) -> np.ndarray:
+    keys = getattr(self, f"{side}_keys")
+    if keys is None:
+      raise MscenarioError("this collaborative state has no id keys (written before they "
+                           "were stored): call set_keys(user_vocab, item_vocab) first")
+    if side not in self._cache:
+      order = np.argsort(keys, kind="stable")
+      self._cache[side] = (keys[order], order)
+    sorted_keys, order = self._cache[side]
+    values = as_str_column(np.asarray(raw))
+    if not len(values):
+      return np.zeros(0, np.int64)
+    uniq, inv = np.unique(values, return_inverse=True)
+    if not len(sorted_keys):
+      return np.full(len(values), OOV_ID, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_keys, uniq), len(sorted_keys) - 1)
+    found = sorted_keys[pos] == uniq
+    return np.where(found, FIRST_ID + order[pos], OOV_ID)[inv].astype(np.int64)
+
+  def user_ids(self, raw) -> np.ndarray:
+    """CF ids of raw user ids (OOV_ID for users the state has never seen)."""
+    return self._ids("user", raw)
+
+  def item_ids(self, raw) -> np.ndarray:
+    return self._ids("item", raw)
+
+  def transposed(self):
+    """(S_item^T, its 0/1 pattern, the 0/1 pattern of S_user): built once per model."""
+    if "knn" not in self._cache:
+      s_item_t = self.item_neighbors.T.tocsr()
+      ones_item_t = s_item_t.copy()
+      ones_item_t.data = np.ones_like(ones_item_t.data)
+      ones_user = self.user_neighbors.copy()
+      ones_user.data = np.ones_like(ones_user.data)
+      self._cache["knn"] = (s_item_t, ones_item_t, ones_user)
+    return self._cache["knn"]
 
 
 # ---------------------------------------------------------------------------- fitting
@@ -135,7 +222,8 @@ def _top_k_cosine(x: sp.csr_matrix, k: int, shrink: float, chunk: int) -> sp.csr
 
 def fit(users, items, values, n_users: int, n_items: int, cfg, user_count=None,
         item_count=None, seed: int = 0) -> CFModel:
-  """Fit biases, residual neighbourhoods and the residual SVD on these interactions only."""
+  """Fit biases, residual neighbourhoods and the residual SVD on these interactions only
+  (kept in the model, so that `refit` can add to them)."""
   users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
   r = np.asarray(values, np.float64)
   mu = float(r.mean()) if len(r) else 0.0
@@ -145,9 +233,7 @@ def fit(users, items, values, n_users: int, n_items: int, cfg, user_count=None,
   for _ in range(max(int(cfg.bias_passes), 1)):  # alternating shrunk means (Koren 2010)
     bi = np.bincount(items, r - mu - bu[users], n_items) / (cfg.shrink_item_bias + n_i)
     bu = np.bincount(users, r - mu - bi[items], n_users) / (cfg.shrink_user_bias + n_u)
-  z = _pair_matrix(users, items, r - mu - bu[users] - bi[items], (n_users, n_items))
-  rated = z.copy()
-  rated.data = np.ones_like(rated.data)
+  z, rated = _residual(users, items, r, mu, bu, bi)
   k, chunk, shrink = int(cfg.neighbors), int(cfg.chunk_rows), float(cfg.shrink_similarity)
   item_nb = _top_k_cosine(z.T.tocsr(), k, shrink, chunk)
   user_nb = _top_k_cosine(z, k, shrink, chunk)
@@ -164,7 +250,15 @@ def fit(users, items, values, n_users: int, n_items: int, cfg, user_count=None,
     item_count = n_i
   return CFModel(mu, bu, bi, z, rated, item_nb, user_nb, np.ascontiguousarray(uf),
                  np.ascontiguousarray(vf), np.asarray(user_count, np.float64),
-                 np.asarray(item_count, np.float64))
+                 np.asarray(item_count, np.float64), users=users, items=items, values=r)
+
+
+def _residual(users, items, r, mu, bu, bi) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+  """(z, its 0/1 pattern): the residual matrix of `fit`, rebuilt identically at load."""
+  z = _pair_matrix(users, items, r - mu - bu[users] - bi[items], (len(bu), len(bi)))
+  rated = z.copy()
+  rated.data = np.ones_like(rated.data)
+  return z, rated
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -190,32 +284,33 @@ def score(m: CFModel, users, items, chunk: int = 1024) -> np.ndarray:
   icount = np.where((items >= 0) & (items < len(m.item_count)), items, 0)
   out[:, 8] = np.log1p(m.user_count[ucount] * ((users >= 0) & (users < len(m.user_count))))
   out[:, 9] = np.log1p(m.item_count[icount] * ((items >= 0) & (items < len(m.item_count))))
-  s_item, s_user = m.item_neighbors, m.user_neighbors
-  s_item_t = s_item.T.tocsr()
-  ones_item_t = s_item_t.copy()
-  ones_item_t.data = np.ones_like(ones_item_t.data)
-  ones_user = s_user.copy()
-  ones_user.data = np.ones_like(ones_user.data)
+  s_item_t, ones_item_t, ones_user = m.transposed()
+  s_user = m.user_neighbors
+  # Blocks of distinct users (a request's one user, or `chunk` of them): each output row is
+  # computed from that user's rows alone, so the values do not depend on which other rows
+  # are scored with it (a served row equals the prepared one bit for bit).
   q = np.flatnonzero(known)
-  q = q[np.argsort(u[q], kind="stable")]
+  block_users, inv = np.unique(u[q], return_inverse=True)
   chunk = max(1, min(chunk, _BLOCK_FLOATS // max(n_items, 1)))
-  bounds = np.searchsorted(u[q], np.arange(0, n_users + chunk, chunk))
+  order = np.argsort(inv, kind="stable")
+  q, inv = q[order], inv[order]
+  bounds = np.searchsorted(inv, np.arange(0, len(block_users) + chunk, chunk))
   for c in range(len(bounds) - 1):
     rows = q[bounds[c]:bounds[c + 1]]
     if not len(rows):
       continue
-    a = c * chunk
-    b = min(a + chunk, n_users)
-    lu, li = u[rows] - a, i[rows]
+    block = block_users[c * chunk:(c + 1) * chunk]
+    lu, li = inv[bounds[c]:bounds[c + 1]] - c * chunk, i[rows]
+    z, rated = m.residual[block], m.rated[block]
     # item-KNN: (Z S^T)[u, i] over i's neighbours j the user rated.
-    num = np.asarray((m.residual[a:b] @ s_item_t)[lu, li]).ravel()
-    den = np.asarray((m.rated[a:b] @ s_item_t)[lu, li]).ravel()
-    sup = np.asarray((m.rated[a:b] @ ones_item_t)[lu, li]).ravel()
+    num = np.asarray((z @ s_item_t)[lu, li]).ravel()
+    den = np.asarray((rated @ s_item_t)[lu, li]).ravel()
+    sup = np.asarray((rated @ ones_item_t)[lu, li]).ravel()
     out[rows, 3], out[rows, 4] = num / (den + 1.0), np.log1p(sup)
     # user-KNN: (S_u Z)[u, i] over u's neighbours v who rated i.
-    num = np.asarray((s_user[a:b] @ m.residual)[lu, li]).ravel()
-    den = np.asarray((s_user[a:b] @ m.rated)[lu, li]).ravel()
-    sup = np.asarray((ones_user[a:b] @ m.rated)[lu, li]).ravel()
+    num = np.asarray((s_user[block] @ m.residual)[lu, li]).ravel()
+    den = np.asarray((s_user[block] @ m.rated)[lu, li]).ravel()
+    sup = np.asarray((ones_user[block] @ m.rated)[lu, li]).ravel()
     out[rows, 5], out[rows, 6] = num / (den + 1.0), np.log1p(sup)
   return out
 
@@ -256,6 +351,7 @@ def compute(users, items, values, train_rows, n_users: int, n_items: int, cfg,
     log(f"data: collaborative fold {f + 1}/{folds}: {len(held):,} training rows scored")
   full = fit(users[train_rows], items[train_rows], values[train_rows], n_users, n_items, cfg,
              uc, ic, seed)
+  full.meta = {"config": _plain(cfg), "seed": int(seed), "applied": []}
   rest = np.setdiff1d(np.arange(n), train_rows)
   out[rest] = score(full, users[rest], items[rest], int(cfg.chunk_rows))
   return out, full
@@ -294,15 +390,82 @@ def register(transform, features: np.ndarray, train_rows: np.ndarray, cfg,
   return ((features - shift) / scale).astype(np.float32)
 
 
+def _plain(cfg) -> dict:
+  return dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def feedback(table, keep: np.ndarray, label_field: str, labels: np.ndarray) -> np.ndarray:
+  """What CF is fitted on for the kept rows: the raw label field (e.g. 1-5 stars) when it is
+  numeric (richer than the binary label), else the label."""
+  raw = table.columns.get(label_field)
+  if raw is not None and np.asarray(raw).dtype.kind in "fiu":
+    return np.nan_to_num(np.asarray(raw, np.float64)[keep])
+  return np.asarray(labels, np.float64)
+
+
+def _raw_column(table, field: str) -> np.ndarray:
+  col = table.columns.get(field)
+  return np.full(table.num_rows, MISSING, dtype=object) if col is None else col
+
+
+def add_columns(model: CFModel, table, user_field: str, item_field: str) -> None:
+  """Set the cf_* columns of a table of raw rows (predict input, a request, update events)
+  from `model`, replacing any the table carried: the values data preparation gives a
+  validation/test row. Rows without a user (item) field get the new-user (new-item) values."""
+  feats = score(model, model.user_ids(_raw_column(table, user_field)),
+                model.item_ids(_raw_column(table, item_field)))
+  for j, name in enumerate(FEATURES):
+    table.columns[name] = feats[:, j]
+
+
+def refit(model: CFModel, table, keep: np.ndarray, values: np.ndarray, user_field: str,
+          item_field: str, tag: str, log=print) -> CFModel:
+  """`model` plus the kept rows of `table` (with their feedback `values`), fitted again on
+  all interactions with the same settings. Users / items the model has not seen get new CF
+  ids. `tag` (the update's fingerprint) is recorded: refitting with it again returns `model`
+  unchanged, so a rerun of a killed update never adds its events twice."""
+  if tag in model.meta.get("applied", []):
+    return model
+  if model.users is None or model.user_keys is None or "config" not in model.meta:
+    raise MscenarioError(
+        "this run's collaborative state has no training interactions (it was prepared "
+        f"before they were stored with it, state version {model.meta.get('version', 1)}): "
+        "`update` cannot refresh the cf_* features; prepare and train the run again")
+
+  def grow(keys, raw):
+    values_ = as_str_column(np.asarray(raw))
+    have = set(keys.tolist())
+    new = []
+    for v in values_.tolist():  # first appearance order: deterministic for the same rows
+      if v != MISSING and v not in have:
+        have.add(v)
+        new.append(v)
+    return np.concatenate([keys, np.asarray(new, dtype=str)]) if new else keys
+
+  users_raw = np.asarray(_raw_column(table, user_field))[keep]
+  items_raw = np.asarray(_raw_column(table, item_field))[keep]
+  grown = dataclasses.replace(model, _cache={})
+  grown.user_keys = grow(model.user_keys, users_raw)
+  grown.item_keys = grow(model.item_keys, items_raw)
+  u = np.concatenate([model.users, grown.user_ids(users_raw)])
+  i = np.concatenate([model.items, grown.item_ids(items_raw)])
+  r = np.concatenate([model.values, np.asarray(values, np.float64)])
+  n_users = max(len(model.user_bias), FIRST_ID + len(grown.user_keys))
+  n_items = max(len(model.item_bias), FIRST_ID + len(grown.item_keys))
+  new = fit(u, i, r, n_users, n_items, types.SimpleNamespace(**model.meta["config"]),
+            seed=int(model.meta.get("seed", 0)))
+  new.user_keys, new.item_keys = grown.user_keys, grown.item_keys
+  new.meta = {**model.meta, "applied": [*model.meta.get("applied", []), tag]}
+  log(f"collaborative: refitted on {len(r):,} interactions ({len(values):,} new; "
+      f"{n_users - len(model.user_bias):,} new users, {n_items - len(model.item_bias):,} "
+      "new items)")
+  return new
+
+
 def columns_for(model: CFModel, transform, users, items) -> dict[str, np.ndarray]:
-  """Raw CF columns for raw user / item ids (e.g. rows to `predict`), from the stored
-  all-training-rows model: add them to the input table. Unknown users or items fall back to
-  the item-only or user-only signals (and to mu when both are new)."""
-
-  def ids(vocab, values):
-    uniq, inv = np.unique(as_str_column(np.asarray(values)), return_inverse=True)
-    return _vocab_ids(vocab, uniq)[inv] if len(uniq) else np.zeros(0, np.int64)
-
-  s = transform.state
-  feats = score(model, ids(s["user_vocab"], users), ids(s["item_vocab"], items))
+  """Raw CF columns for raw user / item ids, from the stored all-training-rows model (see
+  add_columns). A state without id keys takes them from the transform's vocabularies."""
+  if model.user_keys is None:
+    model.set_keys(transform.state["user_vocab"], transform.state["item_vocab"])
+  feats = score(model, model.user_ids(users), model.item_ids(items))
   return {name: feats[:, j] for j, name in enumerate(FEATURES)}

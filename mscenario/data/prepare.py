@@ -108,6 +108,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
       cfg.pop(k, None)
   if not cfg.get("collaborative", {}).get("enabled", False):  # off: caches stay valid
     cfg.pop("collaborative", None)
+  else:  # the cached CF state's format (2: with the interactions `update` refits on)
+    cfg["collaborative"]["state_version"] = collaborative.STATE_VERSION
   cfg.get("table", {}).pop("train", None), cfg.get("table", {}).pop("valid", None)
   cfg.get("table", {}).pop("test", None)
   h = hashlib.blake2b(digest_size=16)
@@ -355,14 +357,13 @@ def _add_collaborative(arrays, table, keep, transform, data_cfg, train_rows, see
   returns the files to cache with them (the all-training-rows CF model) and their meta."""
   t0 = time.time()
   cfg = data_cfg.collaborative
-  values = arrays["label"]  # the raw label field (e.g. 1-5 stars) when numeric: richer
-  raw = table.columns.get(data_cfg.label.field)
-  if raw is not None and np.asarray(raw).dtype.kind in "fiu":
-    values = np.nan_to_num(np.asarray(raw, np.float64)[keep])
+  values = collaborative.feedback(table, keep, data_cfg.label.field, arrays["label"])
   schema = transform.schema
   feats, full = collaborative.compute(arrays["user"], arrays["item"], values, train_rows,
                                       max(schema.user_vocab_size, 1),
                                       max(schema.item_vocab_size, 1), cfg, seed, log=log)
+  # The CF ids are the transform's user / item ids: the state maps raw ids the same way.
+  full.set_keys(transform.state["user_vocab"], transform.state["item_vocab"])
   block = collaborative.register(transform, feats, train_rows, cfg, full)
   arrays["dense"] = np.concatenate([arrays["dense"], block], axis=1)
   seconds = time.time() - t0

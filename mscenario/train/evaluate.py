@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 
+from mscenario.data import collaborative
 from mscenario.data.prepare import PreparedData
 from mscenario.data import sources
 from mscenario.errors import MscenarioError
@@ -70,6 +71,7 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
   cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = (
       os.path.abspath(os.path.expanduser(input_path)), "", "")
   table = sources.load_source(cfg.data)  # via the module: tests replace it
+  add_cf_columns(workdir, transform, table)
   arrays, keep, skipped = transform.apply(table, on_error=cfg.data.on_error,
                                           require_label=False)
   n = len(arrays["label"])
@@ -89,6 +91,30 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
   names = transform.schema.scenario_names
   return Scores(probs, np.asarray(table.row_line)[keep],
                 [names[s] for s in arrays["scenario"].tolist()], skipped)
+
+
+def add_cf_columns(workdir: str, transform, table):
+  """data.collaborative runs: the cf_* columns of raw rows from the run's CF state (as data
+  preparation computed them for test rows; any given in the input are replaced). Returns the
+  state (None for other runs)."""
+  model = workdir_lib.WorkDir(workdir).read_collaborative(transform.state)
+  if model is not None:
+    collaborative.add_columns(model, table, transform.state["user_field"],
+                              transform.state["item_field"])
+  return model
+
+
+def refresh_cf(workdir: str, model, table, keep, labels, transform, tag: str, log=print):
+  """`update`: the run's CF state refitted with the kept rows of `table` (their feedback:
+  the raw label field, else `labels`), written atomically; a no-op for a state that already
+  holds `tag`'s events and for runs without data.collaborative."""
+  if model is None:
+    return
+  values = collaborative.feedback(table, keep, transform.state["label"]["field"], labels)
+  new = collaborative.refit(model, table, keep, values, transform.state["user_field"],
+                            transform.state["item_field"], tag, log=log)
+  if new is not model and jax.process_index() == 0:
+    workdir_lib.WorkDir(workdir).write_collaborative(new)
 
 
 def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.ndarray:

@@ -15,7 +15,8 @@ validated model; `update --out` and `export --checkpoint latest` export the upda
 One update is all or nothing, keyed by a fingerprint of its events (and epochs/holdout):
 nothing is saved while it trains (a kill or SIGTERM there leaves the work dir as it was; the
 rerun trains again, deterministically); the trained state is committed in one latest
-checkpoint that records the update; then (promoted only) best/, updates.jsonl and last
+checkpoint that records the update; then (promoted only) best/, the refitted CF state
+(data.collaborative runs: cf_* of the new rows came from the state before them), updates.jsonl and last
 transform.json with the grown vocabularies, each replaced atomically. A rerun after a kill
 between them completes without training again; a rerun of a finished update is a no-op that
 still completes a killed export (`--out`), which a running server then picks up (hot swap).
@@ -110,7 +111,7 @@ def _apply(workdir: str, table, *, config, transform, epochs, holdout, source, l
   from mscenario.train import checkpoint as ckpt_lib
   from mscenario.train import loop
   from mscenario.train import workdir as workdir_lib
-  from mscenario.train.evaluate import _text_tables
+  from mscenario.train.evaluate import _text_tables, add_cf_columns, refresh_cf
   wd = workdir_lib.WorkDir(workdir)
   workdir = wd.path
   if config is None or transform is None:
@@ -128,6 +129,7 @@ def _apply(workdir: str, table, *, config, transform, epochs, holdout, source, l
     return {**done[0], "already_applied": True, "workdir": workdir}
   index = len(transform.state.get("updates", [])) + 1
   growth = transform.grow(table, index)
+  cf_state = add_cf_columns(workdir, transform, table)  # cf_* from the state before the events
   arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
   n = len(arrays["label"])
   if n == 0:
@@ -178,6 +180,8 @@ def _apply(workdir: str, table, *, config, transform, epochs, holdout, source, l
       ckpts.wait()
   finally:
     ckpts.close()
+  # The CF state now holds these events too (refit; a no-op when a killed attempt wrote it).
+  refresh_cf(workdir, cf_state, table, keep_rows, arrays["label"], transform, fingerprint, log)
   result = {**_complete(wd, transform, record, t0, log), "workdir": workdir}
   if committed:
     result["completed_after_crash"] = True

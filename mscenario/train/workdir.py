@@ -16,6 +16,7 @@ import os
 import tempfile
 
 from mscenario import config as config_lib
+from mscenario.data import collaborative
 from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
 from mscenario.metrics.plots import read_jsonl
@@ -28,6 +29,7 @@ VERSIONS = "versions.json"
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 UPDATES = "updates.jsonl"
+COLLABORATIVE = collaborative.STATE_FILE  # data.collaborative runs: the CF state (refreshed by update)
 
 
 def write_text(path: str, text: str) -> None:
@@ -37,6 +39,22 @@ def write_text(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Atomic replace of `path` by `data` (as write_text)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -89,6 +107,44 @@ class WorkDir:
     """The fitted transform (vocabularies, normalisers; grown by `update`)."""
     self.require(TRANSFORM)
     return Transform(self.read_json(TRANSFORM))
+
+  def read_collaborative(self, transform_state: dict) -> "collaborative.CFModel | None":
+    """The run's collaborative-filtering state (None unless data.collaborative is on).
+
+    A run gets it from the prepared data it was trained on (data.json's path, checked by
+    fingerprint) the first time it is asked for, copied here atomically: from then on the run
+    carries it (`update` refreshes this copy) and no longer needs the data cache.
+    """
+    if "collaborative" not in transform_state:
+      return None
+    if not self.exists(COLLABORATIVE):
+      self._copy_collaborative()
+    model = collaborative.CFModel.load(self.file(COLLABORATIVE))
+    if model.user_keys is None:  # state version 1: ids were the transform's vocabularies
+      model.set_keys(transform_state["user_vocab"], transform_state["item_vocab"])
+    return model
+
+  def _copy_collaborative(self) -> None:
+    """Copy the CF state from the prepared-data dir recorded in data.json."""
+    self.require(DATA)
+    info = self.read_json(DATA)
+    src = os.path.join(info.get("path", ""), COLLABORATIVE)
+    meta = os.path.join(info.get("path", ""), "meta.json")
+    same = False
+    if os.path.exists(src) and os.path.exists(meta):
+      with open(meta, encoding="utf-8") as f:
+        same = json.load(f).get("fingerprint") == info.get("fingerprint")
+    if not same:
+      raise MscenarioError(
+          f"{self.file(COLLABORATIVE)} is missing and the prepared data the run was trained "
+          f"on ({info.get('path')}, fingerprint {info.get('fingerprint')}) no longer holds "
+          "it: the data.collaborative features of new rows cannot be computed. Prepare the "
+          "same data again (`mscenario data prepare` with the run's config and data) and retry")
+    with open(src, "rb") as f:
+      write_bytes(self.file(COLLABORATIVE), f.read())
+
+  def write_collaborative(self, model: "collaborative.CFModel") -> None:
+    write_bytes(self.file(COLLABORATIVE), model.to_bytes())
 
   def read_metrics(self) -> list[dict]:
     return read_jsonl(self.file(METRICS)) if self.exists(METRICS) else []
