@@ -8,6 +8,8 @@ Model directory layout:
   MODEL_DIR/versions/<v>/manifest.json, config.json, transform.json, weights.safetensors,
                          functions/score_b<B>.jax, text/*.npy (frozen text tables, if any),
                          text/encoder/ (the language model, for text-fused models)
+                         collaborative.npz (data.collaborative models: the CF state the
+                         server computes the cf_* features from; manifest "collaborative")
 A version directory itself is also accepted as MODEL_DIR.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 TRANSFORM = "transform.json"
+COLLABORATIVE = "collaborative.npz"  # = data.collaborative.STATE_FILE (not imported: a leaf)
 TEXT_DIR = "text"
 # The language model a text-fused version encodes new items' text with (a copy of the files
 # the encoder reads: weights, tokenizer, configs), so the version is served without the

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from mscenario.data import collaborative as cf_lib
 from mscenario.data.prepare import PreparedData
 from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
@@ -35,7 +36,7 @@ from mscenario.text.tables import load_matching_encoder, read_text_index
 from mscenario.train import loop
 from mscenario.train.evaluate import _text_tables
 from mscenario.train.steps import make_eval_step
-from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
+from mscenario.train.workdir import COLLABORATIVE, CONFIG, TRANSFORM, WorkDir
 
 
 def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
@@ -106,6 +107,7 @@ def _next_version(out_dir: str) -> str:
 
 
 def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config_json: str,
+                  collaborative: bytes | None = None,
                   transform_state: dict, model_name: str, source: dict,
                   buckets=DEFAULT_BUCKETS, text_dir: str | None = None, keep: int = 5,
                   item_text: dict | None = None, encoder_dir: str | None = None,
@@ -173,6 +175,8 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
       f.write(config_json)
     with open(os.path.join(tmp, "transform.json"), "w") as f:
       json.dump(transform_state, f)
+    if collaborative is not None:
+      _write_collaborative(tmp, manifest, collaborative)
     with open(os.path.join(tmp, fmt.MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
     final = os.path.join(out_dir, fmt.VERSIONS_DIR, version)
@@ -189,6 +193,22 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
       f"{sorted(int(b) for b in manifest['functions'])}, platforms {list(platforms)}); "
       f"{os.path.join(out_dir, fmt.CURRENT_FILE)} -> {version}")
   return final
+
+
+def collaborative_state(workdir: str, transform) -> bytes | None:
+  """The run's CF state file (data.collaborative runs; refreshed by `update`), carried into
+  the version so that the server computes the cf_* features of a request itself."""
+  wd = WorkDir(workdir)
+  if wd.read_collaborative(transform.state) is None:  # (copies it into the work dir if needed)
+    return None
+  with open(wd.file(COLLABORATIVE), "rb") as f:
+    return f.read()
+
+
+def _write_collaborative(tmp: str, manifest: dict, blob: bytes) -> None:
+  with open(os.path.join(tmp, fmt.COLLABORATIVE), "wb") as f:
+    f.write(blob)
+  manifest["collaborative"] = {"file": fmt.COLLABORATIVE, "features": list(cf_lib.FEATURES)}
 
 
 def _prune(out_dir: str, keep: int, current: str) -> None:
@@ -240,7 +260,8 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
   sparse_mode = config.train.embed_update != "dense"
   item_text = item_text_spec(config, workdir)
   return write_version(
-      out_dir, weights=state_weights(state), score=scoring_function(setup, sparse_mode),
+      out_dir, collaborative=collaborative_state(workdir, transform),
+      weights=state_weights(state), score=scoring_function(setup, sparse_mode),
       config_json=open(os.path.join(workdir, "config.json")).read(), transform_state=transform.state,
       model_name=config.model.name,
       source={"workdir": workdir, "step": step, "checkpoint": checkpoint},

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
+from mscenario.data import collaborative as cf_lib
 from mscenario.data import schema as schema_lib
 from mscenario.data.table import RawTable
 from mscenario.data.template import format_text, template_fields
@@ -290,6 +291,7 @@ class ModelVersion:
     for name, rel in self.manifest.get("text_tables", {}).items():
       self.text_tables[name] = np.load(os.path.join(path, rel), allow_pickle=False)
     self.item_text = self.manifest.get("item_text") or None
+    self.cf = self._load_collaborative()
     self.input_keys = tuple(input_spec(self.manifest, 1))
     self._encoder = None
     self._text_vectors: dict[str, np.ndarray] = {}
@@ -309,12 +311,33 @@ class ModelVersion:
             "created": self.manifest.get("created"), "source": self.manifest.get("source"),
             "buckets": list(self.buckets), "features": feats,
             "fields": {"categorical": list(self.columns.categorical),
-                       "numeric": list(self.columns.numeric),
+                       "numeric": [n for n in self.columns.numeric if n in self.fields],
                        "multi": list(self.columns.multi)},
             "user_field": s["user_field"], "item_field": s["item_field"],
             "scenario_field": s["scenario"]["field"],
             "scenarios": list(self.schema.scenario_names),
             "scenario_values": {k: list(v) for k, v in s["scenario"]["groups"].items()}}
+
+  # -- collaborative-filtering features -------------------------------------------------
+  def _load_collaborative(self):
+    """The version's CF state (data.collaborative models) or None. With it the server
+    computes the cf_* columns from the request's user and item ids exactly as `predict`
+    does (new users / items: data/collaborative.py's fallback), so requests may not send
+    them."""
+    entry = self.manifest.get("collaborative")
+    if not entry:
+      return None
+    model = cf_lib.CFModel.load(os.path.join(self.path, entry["file"]))
+    if model.user_keys is None:  # a state written before it carried its id keys
+      model.set_keys(self.transform.state["user_vocab"], self.transform.state["item_vocab"])
+    model.transposed()  # lookups built at load, not on the first request
+    model.user_ids(np.zeros(0, object)), model.item_ids(np.zeros(0, object))
+    return model
+
+  def _add_cf_columns(self, table: RawTable) -> None:
+    if self.cf is not None:
+      s = self.transform.state
+      cf_lib.add_columns(self.cf, table, s["user_field"], s["item_field"])
 
   def _build_scenario_lookup(self) -> dict[str, tuple[int, str]]:
     """Request 'scenario' (a scenario name or a raw field value) -> (index, raw value)."""
@@ -334,6 +357,9 @@ class ModelVersion:
     c = self.columns
     kinds = {n: "categorical" for n in c.categorical}
     kinds.update({n: "numeric" for n in c.numeric})
+    if self.cf is not None:  # computed from the user and item ids, never sent
+      for name in cf_lib.FEATURES:
+        kinds.pop(name, None)
     kinds.update({n: "multi" for n in c.multi})
     if self.item_text:
       for f in template_fields(self.item_text["template"]):
@@ -492,6 +518,7 @@ class ModelVersion:
         col[rows] = fix if sfield in c.categorical else np.array(fix, np.float64)
     table = RawTable(columns=cols, row_file=np.zeros(n, np.int32),
                      row_line=np.arange(1, n + 1, dtype=np.int64), files=["<request>"])
+    self._add_cf_columns(table)
     arrays, _, _ = self.transform.apply(table, on_error="raise", require_label=False)
     arrays["scenario"] = np.array([g.scenario for g in groups for _ in range(g.n)], np.int32)
     out = {k: arrays[k] for k in INPUT_KEYS}
