@@ -6,7 +6,8 @@ without depending on the writer.
 Model directory layout:
   MODEL_DIR/CURRENT                 name of the version to serve (replaced atomically)
   MODEL_DIR/versions/<v>/manifest.json, config.json, transform.json, weights.safetensors,
-                         functions/score_b<B>.jax, text/*.npy (frozen text tables, if any),
+                         functions/score_b<B>.jax, functions/explain_b<B>.jax (the
+                         manifest's "explain" entry; absent in older exports), text/*.npy (frozen text tables, if any),
                          text/encoder/ (the language model, for text-fused models)
                          collaborative.npz (data.collaborative models: the CF state the
                          server computes the cf_* features from; manifest "collaborative")
@@ -35,6 +36,9 @@ TEXT_DIR = "text"
 # training machine's model path or package.
 ENCODER_DIR = "text/encoder"
 DEFAULT_BUCKETS = (1, 8, 64, 512, 2048)
+# The explanation function (POST /v1/explain; integrated gradients, many model evaluations
+# per row) is exported for the buckets up to this size only: larger requests run in chunks.
+EXPLAIN_MAX_BUCKET = 64
 # Batch arrays the scoring function takes (labels / weights are not needed to score).
 INPUT_KEYS = ("sparse", "multi", "dense", "scenario", "user", "item")
 

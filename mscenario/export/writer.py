@@ -27,6 +27,7 @@ from mscenario.data import collaborative as cf_lib
 from mscenario.data.prepare import PreparedData
 from mscenario.data.transform import Transform
 from mscenario.errors import MscenarioError
+from mscenario.explain import serving as explain_serving
 from mscenario.export import format as fmt
 from mscenario.export.format import DEFAULT_BUCKETS
 from mscenario.flat import flatten, unflatten
@@ -111,12 +112,13 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
                   transform_state: dict, model_name: str, source: dict,
                   buckets=DEFAULT_BUCKETS, text_dir: str | None = None, keep: int = 5,
                   item_text: dict | None = None, encoder_dir: str | None = None,
-                  log=print) -> str:
+                  explain=None, log=print) -> str:
   """Write one version (temp dir + rename), then point CURRENT at it (atomic replace).
 
   `encoder_dir`: the language model of a text-fused model; its files are copied into the
   version (format.ENCODER_DIR), so the version is served without the training machine's
-  model path or package.
+  model path or package. `explain`: an explain.serving.ServingExplanation (POST /v1/explain),
+  or None for a version without explanations.
   """
   out_dir = os.path.abspath(out_dir)
   os.makedirs(os.path.join(out_dir, fmt.VERSIONS_DIR), exist_ok=True)
@@ -161,6 +163,8 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
         f.write(exported.serialize())
       manifest["functions"][str(b)] = rel
     manifest["platforms"] = list(platforms)
+    if explain is not None:
+      _write_explain(tmp, manifest, explain, w_spec, platforms)
     if text_dir and os.path.isdir(text_dir):
       files = sorted(glob.glob(os.path.join(text_dir, "*.npy")))
       if files:
@@ -193,6 +197,41 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
       f"{sorted(int(b) for b in manifest['functions'])}, platforms {list(platforms)}); "
       f"{os.path.join(out_dir, fmt.CURRENT_FILE)} -> {version}")
   return final
+
+
+def _write_explain(tmp: str, manifest: dict, explain, w_spec: dict, platforms) -> None:
+  """functions/explain_b<B>.jax for the score buckets up to EXPLAIN_MAX_BUCKET, and the
+  manifest's 'explain' entry (method, steps, baseline, feature names, tolerance)."""
+  buckets = sorted(int(b) for b in manifest["functions"])
+  small = [b for b in buckets if b <= fmt.EXPLAIN_MAX_BUCKET] or buckets[:1]
+  entry = {**explain.manifest_entry(), "functions": {}}
+  for b in small:
+    b_spec = {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+              for k, (shape, dt) in fmt.input_spec(manifest, b).items()}
+    exported = jax.export.export(jax.jit(explain.fn), platforms=platforms)(w_spec, b_spec)
+    rel = f"functions/explain_b{b}.jax"
+    with open(os.path.join(tmp, rel), "wb") as f:
+      f.write(exported.serialize())
+    entry["functions"][str(b)] = rel
+  manifest["explain"] = entry
+
+
+def explanation(config, setup, state, sparse_mode: bool, log=print):
+  """The version's explanation function: its baseline is the run's training rows' mean
+  embedding, so the prepared data must be at hand; without it the version is exported
+  without one (its /v1/explain answers 501), said in the log."""
+  try:
+    data = loop.load_data(config, log=lambda *_: None)
+  except (MscenarioError, OSError) as e:
+    log(f"export: no explanation function (/v1/explain will answer 501): the baseline needs "
+        f"the run's prepared training data, which could not be loaded: {e}")
+    return None
+  train_idx = np.asarray(data.splits.get("train", ()))
+  if len(train_idx) == 0:
+    log("export: no explanation function (/v1/explain will answer 501): the data has no "
+        "training rows for the baseline")
+    return None
+  return explain_serving.build(setup, state, data.arrays, train_idx, sparse_mode)
 
 
 def collaborative_state(workdir: str, transform) -> bytes | None:
@@ -259,6 +298,7 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
   config, transform, setup, state, step = restore(workdir, checkpoint)
   sparse_mode = config.train.embed_update != "dense"
   item_text = item_text_spec(config, workdir)
+  explain = explanation(config, setup, state, sparse_mode, log)
   return write_version(
       out_dir, collaborative=collaborative_state(workdir, transform),
       weights=state_weights(state), score=scoring_function(setup, sparse_mode),
@@ -266,4 +306,5 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
       model_name=config.model.name,
       source={"workdir": workdir, "step": step, "checkpoint": checkpoint},
       buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep,
-      item_text=item_text, encoder_dir=encoder_dir(config, workdir, item_text), log=log)
+      item_text=item_text, encoder_dir=encoder_dir(config, workdir, item_text),
+      explain=explain, log=log)

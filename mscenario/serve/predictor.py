@@ -37,6 +37,10 @@ from mscenario.export.format import (CONFIG, CURRENT_FILE, FORMAT, FORMAT_VERSIO
                                      resolve_version_dir)
 
 
+class NoExplanation(MscenarioError):
+  """The version was exported without an explanation function (HTTP 501)."""
+
+
 class ModelUnavailable(MscenarioError):
   """The version lacks something it needs to answer (e.g. its language model's files): not
   the client's fault, so HTTP 503, not 422."""
@@ -292,6 +296,7 @@ class ModelVersion:
       self.text_tables[name] = np.load(os.path.join(path, rel), allow_pickle=False)
     self.item_text = self.manifest.get("item_text") or None
     self.cf = self._load_collaborative()
+    self.explain_fns = self._load_explain_functions()
     self.input_keys = tuple(input_spec(self.manifest, 1))
     self._encoder = None
     self._text_vectors: dict[str, np.ndarray] = {}
@@ -623,6 +628,48 @@ class ModelVersion:
   def predict(self, request: dict) -> np.ndarray:
     """One {'scenario', 'user', 'items'} request -> probabilities in item order."""
     return self.score_arrays(self.encode([self.parse(request)]))
+
+  # -- explanations (POST /v1/explain) -------------------------------------------------------
+  def _load_explain_functions(self) -> dict:
+    """{bucket: fn} of the exported integrated-gradients function ({} for versions exported
+    without one). Compiled on first use, not at load: a hot swap stays as fast as before."""
+    fns = {}
+    for b, rel in (self.manifest.get("explain") or {}).get("functions", {}).items():
+      with open(os.path.join(self.path, rel), "rb") as f:
+        fns[int(b)] = _load_function(f.read())
+    return fns
+
+  def no_explanation(self) -> NoExplanation:
+    return NoExplanation(
+        f"version {self.version} was exported without an explanation function (exported "
+        "before /v1/explain existed, or without its training data at hand); re-export it "
+        "with `mscenario export` where the run's data is available")
+
+  def explain_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{'attributions' [N, G], 'logit' [N], 'baseline_logit' [N]} for model-input arrays
+    (features: manifest['explain']['features']), padded into the exported explain buckets."""
+    if not self.explain_fns:
+      raise self.no_explanation()
+    n = len(arrays["scenario"])
+    spec = input_spec(self.manifest, n)
+    arrays = {**{k: np.zeros(spec[k][0], spec[k][1]) for k in self.input_keys
+                 if k not in arrays}, **arrays}
+    buckets = sorted(self.explain_fns)
+    parts = []
+    for start in range(0, n, buckets[-1]):
+      take = min(n - start, buckets[-1])
+      b = next(b for b in buckets if b >= take)
+      chunk = {k: np.asarray(arrays[k][start:start + take]) for k in self.input_keys}
+      if take < b:
+        chunk = {k: np.concatenate([a, np.zeros((b - take,) + a.shape[1:], a.dtype)])
+                 for k, a in chunk.items()}
+      out = self.explain_fns[b](self.weights, chunk)
+      parts.append({k: np.asarray(v)[:take] for k, v in out.items()})
+    if not parts:
+      g = len(self.manifest["explain"]["features"])
+      return {"attributions": np.zeros((0, g), np.float32),
+              "logit": np.zeros(0, np.float32), "baseline_logit": np.zeros(0, np.float32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # ---------------------------------------------------------------------------- swappable holder

@@ -22,6 +22,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -68,8 +69,10 @@ class MicroBatcher:
   """
 
   def __init__(self, predictor: Predictor, max_wait_ms: float, max_rows: int, *,
-               max_queued_rows: int = 65_536, request_timeout_s: float = 30.0):
+               max_queued_rows: int = 65_536, request_timeout_s: float = 30.0,
+               work=None):
     self.predictor = predictor
+    self.work = work or _score_jobs  # (model, jobs) -> per job, per sub-request results
     self.max_wait = max(0.0, max_wait_ms) / 1000.0
     self.max_rows = max_rows
     self.max_queued_rows = max_queued_rows
@@ -180,7 +183,7 @@ class MicroBatcher:
         rows = sum(j.rows for j in jobs)
         self._inflight, self._busy_since = jobs, time.perf_counter()
         try:
-          results = await loop.run_in_executor(self._pool, _score_jobs, model, jobs)
+          results = await loop.run_in_executor(self._pool, self.work, model, jobs)
         except Exception as e:  # noqa: BLE001 — never let one batch stop the service
           log.exception("scoring failed")
           results = [e] * len(jobs)
@@ -196,16 +199,19 @@ class MicroBatcher:
             job.future.set_result(res)
 
 
-def _score_jobs(model, jobs):
-  """Encode + score all jobs together; if that fails, per job, so one bad job fails alone."""
+def _run_jobs(model, jobs, compute):
+  """Encode all jobs together and run `compute(model, arrays)` (-> an array, or a dict of
+  arrays, over rows) once; split per job and sub-request. If that fails, per job, so one bad
+  job fails alone."""
   try:
-    arrays = model.encode([g for j in jobs for g in j.groups])
-    probs = model.score_arrays(arrays)
+    out_all = compute(model, model.encode([g for j in jobs for g in j.groups]))
     out, start = [], 0
     for j in jobs:
       per = []
       for g in j.groups:
-        per.append(probs[start:start + g.n])
+        sl = slice(start, start + g.n)
+        per.append({k: v[sl] for k, v in out_all.items()} if isinstance(out_all, dict)
+                   else out_all[sl])
         start += g.n
       out.append(per)
     return out
@@ -215,10 +221,20 @@ def _score_jobs(model, jobs):
   results = []
   for j in jobs:
     try:
-      results.append(_score_jobs(model, [j])[0])
+      results.append(_run_jobs(model, [j], compute)[0])
     except Exception as e:  # noqa: BLE001
       results.append(e)
   return results
+
+
+def _score_jobs(model, jobs):
+  """Probabilities [n] per sub-request."""
+  return _run_jobs(model, jobs, lambda m, arrays: m.score_arrays(arrays))
+
+
+def _explain_jobs(model, jobs):
+  """{'attributions', 'logit', 'baseline_logit'} per sub-request."""
+  return _run_jobs(model, jobs, lambda m, arrays: m.explain_arrays(arrays))
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -276,6 +292,11 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
   batcher = MicroBatcher(predictor, max_batch_wait_ms, limits.max_batch_rows,
                          max_queued_rows=limits.max_queued_rows,
                          request_timeout_s=limits.request_timeout_s)
+  # Explanations (many model evaluations per row) queue apart, on their own worker thread:
+  # a burst of them must not hold up plain scoring.
+  explainer = MicroBatcher(predictor, max_batch_wait_ms, limits.max_batch_rows,
+                           max_queued_rows=limits.max_queued_rows,
+                           request_timeout_s=limits.request_timeout_s, work=_explain_jobs)
   reload_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reload")
   started = time.time()
   openapi_cache: dict = {}
@@ -331,7 +352,9 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
       openapi_cache["doc"] = openapi_document(model, limits, input_limits, bool(token))
     return JSONResponse(openapi_cache["doc"])
 
-  async def predict(request: Request) -> JSONResponse:
+  async def parsed(request: Request):
+    """A request's body -> (model, groups, locs, batch form?, items), or the error response:
+    /v1/predict and /v1/explain take the same requests under the same limits and auth."""
     if not authorised(request):
       return unauthorised()
     try:
@@ -372,8 +395,12 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
         break
     if errors:
       return _error(422, "invalid request", errors[:input_limits.max_errors + 1])
+    return model, groups, locs, batch_form, n_items
+
+  async def run(queue: MicroBatcher, what: str, model, groups, n_items: int):
+    """The queue's results per sub-request, or the error response."""
     try:
-      per = await batcher.submit(groups, n_items, model)
+      return await queue.submit(groups, n_items, model)
     except Unavailable as e:
       return _unavailable(e)
     except ModelUnavailable as e:  # the version lacks a file it needs: not the client's fault
@@ -383,8 +410,17 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
       errs = getattr(e, "errors", None) or [{"loc": [], "msg": str(e)}]
       return _error(422, "invalid request", errs)
     except Exception:  # noqa: BLE001
-      log.exception("predict failed")
-      return _error(500, "internal error while scoring")
+      log.exception("%s failed", what)
+      return _error(500, f"internal error while {what}")
+
+  async def predict(request: Request) -> JSONResponse:
+    got = await parsed(request)
+    if isinstance(got, JSONResponse):
+      return got
+    model, groups, locs, batch_form, n_items = got
+    per = await run(batcher, "scoring", model, groups, n_items)
+    if isinstance(per, JSONResponse):
+      return per
     errors = _non_finite(per, locs, model)
     if errors:
       return _error(422, "invalid request", errors[:input_limits.max_errors + 1])
@@ -393,6 +429,29 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
                            "results": [{"probabilities": _floats(p)} for p in per]})
     return JSONResponse({"version": model.version, "model": model.manifest["model"],
                          "probabilities": _floats(per[0])})
+
+  async def explain(request: Request) -> JSONResponse:
+    got = await parsed(request)
+    if isinstance(got, JSONResponse):
+      return got
+    model, groups, locs, batch_form, n_items = got
+    if not model.explain_fns:
+      return _error(501, str(model.no_explanation()))
+    per = await run(explainer, "explaining", model, groups, n_items)
+    if isinstance(per, JSONResponse):
+      return per
+    errors = _non_finite([p["logit"] for p in per], locs, model)
+    errors += _non_finite([p["attributions"] for p in per], locs, model)
+    if errors:
+      return _error(422, "invalid request", errors[:input_limits.max_errors + 1])
+    spec = model.manifest["explain"]
+    head = {"version": model.version, "model": model.manifest["model"],
+            "method": {k: spec[k] for k in ("method", "target", "steps", "rule", "baseline")},
+            "features": spec["features"]}
+    if batch_form:
+      return JSONResponse({**head, "results": [{"items": _explained(p, spec["features"])}
+                                               for p in per]})
+    return JSONResponse({**head, "items": _explained(per[0], spec["features"])})
 
   async def reload(request: Request) -> JSONResponse:
     if not authorised(request):
@@ -407,6 +466,7 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
   @contextlib.asynccontextmanager
   async def lifespan(app):
     batcher.start()
+    explainer.start()
     watcher = (asyncio.get_running_loop().create_task(watch())
                if watch_interval_s > 0 else None)
     try:
@@ -417,6 +477,7 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
         with contextlib.suppress(asyncio.CancelledError):
           await watcher
       await batcher.stop()
+      await explainer.stop()
       reload_pool.shutdown(wait=False)
 
   app = Starlette(routes=[
@@ -424,10 +485,12 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
       Route("/openapi.json", openapi, methods=["GET"]),
       Route("/v1/metadata", metadata, methods=["GET"]),
       Route("/v1/predict", predict, methods=["POST"]),
+      Route("/v1/explain", explain, methods=["POST"]),
       Route("/v1/reload", reload, methods=["POST"]),
   ], lifespan=lifespan)
   app.state.predictor = predictor
   app.state.batcher = batcher
+  app.state.explainer = explainer
   app.state.limits = limits
   return app
 
@@ -443,13 +506,23 @@ def _non_finite(per: list, locs: list, model) -> list[dict]:
   return out
 
 
+def _explained(out: dict, features: list[str]) -> list[dict]:
+  """Per item: logit, baseline logit, probability and {feature: contribution to the logit}."""
+  attr = np.asarray(out["attributions"], np.float64).tolist()
+  logit = np.asarray(out["logit"], np.float64).tolist()
+  base = np.asarray(out["baseline_logit"], np.float64).tolist()
+  return [{"logit": z, "baseline_logit": z0, "probability": 1.0 / (1.0 + math.exp(-z))
+           if z > -700 else 0.0, "contributions": dict(zip(features, a))}
+          for z, z0, a in zip(logit, base, attr)]
+
+
 def _floats(p: np.ndarray) -> list[float]:
   return [float(x) for x in np.asarray(p, np.float64).tolist()]
 
 
 def openapi_document(model, limits: Limits, input_limits: InputLimits, auth: bool) -> dict:
-  """OpenAPI 3 description of /v1/predict for the loaded version's fields (GET /openapi.json):
-  clients and fuzzers generate requests from it."""
+  """OpenAPI 3 description of /v1/predict and /v1/explain for the loaded version's fields
+  (GET /openapi.json): clients and fuzzers generate requests from it."""
   single = model.request_schema(input_limits, limits.max_items)
   batch = {"type": "object", "required": ["requests"], "additionalProperties": False,
            "properties": {"requests": {"type": "array", "minItems": 1,
@@ -482,15 +555,44 @@ def openapi_document(model, limits: Limits, input_limits: InputLimits, auth: boo
                      "items"),
           "422": err("invalid request: one message per bad field, with its location"),
           "503": err("scoring cannot answer now; retry after Retry-After seconds")}}
-  if auth:
-    op["responses"]["401"] = err("missing or invalid bearer token")
-    op["security"] = [{"bearer": []}]
+  body = op["requestBody"]
+  features = (model.manifest.get("explain") or {}).get("features", [])
+  explained = {"type": "array", "items": {"type": "object", "properties": {
+      "logit": {"type": "number"}, "baseline_logit": {"type": "number"},
+      "probability": {"type": "number", "minimum": 0, "maximum": 1},
+      "contributions": {"type": "object", "description": "feature -> its integrated-"
+                        "gradients contribution to the logit; they sum to logit - "
+                        "baseline_logit", "properties": {f: {"type": "number"}
+                                                         for f in features}}}}}
+  explain_response = {"type": "object", "required": ["version", "model", "features"],
+                      "properties": {
+                          "version": {"type": "string"}, "model": {"type": "string"},
+                          "method": {"type": "object"},
+                          "features": {"type": "array", "items": {"type": "string"}},
+                          "items": explained,
+                          "results": {"type": "array", "items": {
+                              "type": "object", "properties": {"items": explained}}}}}
+  explain_op = {
+      "summary": "Why: per-feature contributions to each item's logit (integrated gradients "
+                 "from the training rows' mean embedding, in the same scenario)",
+      "operationId": "explain", "requestBody": body,
+      "responses": {**{k: v for k, v in op["responses"].items() if k != "200"},
+                    "200": {"description": "one explanation per item, in item order",
+                            "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/ExplainResponse"}}}},
+                    "501": err("this version was exported without an explanation "
+                               "function")}}
+  for o in (op, explain_op):
+    if auth:
+      o["responses"]["401"] = err("missing or invalid bearer token")
+      o["security"] = [{"bearer": []}]
   doc = {"openapi": "3.0.3",
          "info": {"title": "mscenario scoring service", "version": model.version,
                   "description": f"{model.manifest['model']} model, version {model.version}"},
-         "paths": {"/v1/predict": {"post": op}},
+         "paths": {"/v1/predict": {"post": op}, "/v1/explain": {"post": explain_op}},
          "components": {"schemas": {"Request": single, "BatchRequest": batch,
-                                    "Response": response, "Error": error}}}
+                                    "Response": response, "ExplainResponse": explain_response,
+                                    "Error": error}}}
   if auth:
     doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
   return doc
