@@ -206,7 +206,7 @@ def _train_update(setup, state, meta, ckpts, wd, data, *, index, epochs, n_hold,
     if best is not None:
       best_auc = loop.evaluate_split(setup, best[0], "valid")["overall"]["auc"]
       del best
-  batch_size = loop._round_batch(tc.batch_size, mesh)
+  batch_size = loop.round_batch(tc.batch_size, mesh)
   # drop_last=False: every new event is seen (the short last batch is padded with
   # weight-0 rows, which the loss ignores); the seed differs per update.
   it = pipeline.BatchIterator(data, "train", batch_size, seed=config.seed + 7919 * index,
