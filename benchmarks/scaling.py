@@ -14,6 +14,13 @@ the Bayes-optimal AUC as a dashed line; the gap on log-log axes beside it). Each
 ordinary training run in OUT/runs/w<width>_r<rows>; finished runs are reused, so an interrupted
 sweep picks up where it stopped. A width multiplies every layer size of the model (hidden,
 aux_hidden, expert_hidden, tower_hidden).
+
+Beside the model, each size gets a reference learner that is told the world (every item's
+per-scenario interest key and bias, the scenario effects, each user's feature effects and the
+population's prior over user vectors) and estimates only what is private to a user -- the
+interest vector and bias level -- by MAP from that user's training rows (`user_oracle`). Its
+gap is roughly the floor for any model that learns from the same rows: models also have to
+learn the item side.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import mscenario  # noqa: E402
+from mscenario.data.synthetic import SyntheticWorld  # noqa: E402
+from mscenario.metrics.classification import auc as auc_of  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic.py")
 DEFAULT_ROWS = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
@@ -146,15 +155,90 @@ def run_point(config, workdir: str, quiet: bool) -> dict:
   return out
 
 
+def user_oracle(config, iterations: int = 10) -> dict | None:
+  """Test AUC of a learner told everything but each user's private parameters, on the run's
+  own test rows (None where the split is not a plain random one, or the world is additive).
+
+  Per user u: theta_u = (interest vector, bias level in scenario 0); the rest of the logit
+  (scenario base, item key and bias, the user's scenario-s minus scenario-0 bias difference,
+  which holds only feature effects) is given. Prior: Gaussian with the mean and covariance of
+  the true theta over users of the same age bucket. theta_u is the MAP from u's training rows
+  (Newton's method, all users at once).
+  """
+  d = config.data
+  if (d.split.kind != "random" or len(d.synthetic.importance) or d.cold_items
+      or d.holdout_scenario):
+    return None
+  world = SyntheticWorld(d.synthetic)
+  n = world.num_rows
+  cols = world.rows(0, n)
+  # The trainer's random split (mscenario/data/prepare.py): the same permutation and cuts.
+  seed = d.split.seed if d.split.seed >= 0 else config.seed
+  order = np.random.default_rng(seed).permutation(n)
+  cuts = (np.cumsum(np.asarray(d.split.ratios, np.float64))[:2] * n).astype(np.int64)
+  train, test = order[:cuts[0]], np.sort(order[cuts[1]:])
+  s = cols["scenario"].astype(np.int64)
+  u = cols["user_id"].astype(np.int64)
+  i = cols["item_id"].astype(np.int64)
+  y = cols["label"].astype(np.float64)
+  # The generator's own parameters (read from its private arrays: this learner is told them).
+  key = world._item_key[s * world.num_items + i].astype(np.float64)        # [n, latent]
+  x = np.concatenate([key, np.ones((n, 1))], axis=1)                        # theta_u's inputs
+  del key
+  bias = world._user_bias                                                    # [S, users]
+  offset = world.scenario_base[s] + world.item_bias[i] + bias[s, u] - bias[0, u]
+  truth = np.concatenate([world._user_vec.astype(np.float64), bias[0][:, None]], axis=1)
+  nu, k = world.num_users, x.shape[1]
+  mean = np.zeros((nu, k))
+  prec = np.zeros((nu, k, k))
+  for age in np.unique(world.user_age):
+    m = world.user_age == age
+    cov = np.cov(truth[m].T) if m.sum() > k else np.cov(truth.T)
+    mean[m] = truth[m].mean(axis=0)
+    prec[m] = np.linalg.inv(cov + 1e-6 * np.eye(k))
+  theta = mean.copy()
+  xt, ut, yt, ot = x[train], u[train], y[train], offset[train]
+  pairs = [(a, b) for a in range(k) for b in range(a, k)]
+  for _ in range(iterations):
+    p = 1.0 / (1.0 + np.exp(-(ot + np.einsum("nk,nk->n", xt, theta[ut]))))
+    r, w = yt - p, p * (1.0 - p)
+    grad = np.stack([np.bincount(ut, r * xt[:, a], minlength=nu) for a in range(k)], axis=1)
+    grad -= np.einsum("uij,uj->ui", prec, theta - mean)
+    hess = prec.copy()
+    for a, b in pairs:
+      h = np.bincount(ut, w * xt[:, a] * xt[:, b], minlength=nu)
+      hess[:, a, b] += h
+      if a != b:
+        hess[:, b, a] += h
+    theta = theta + np.linalg.solve(hess, grad[..., None])[..., 0]
+  logit = offset[test] + np.einsum("nk,nk->n", x[test], theta[u[test]])
+  return {"oracle_auc": float(auc_of(y[test], logit)),
+          "oracle_bayes_auc": float(auc_of(y[test], cols["truth"][test]))}
+
+
+def oracle_point(config, path: str) -> dict | None:
+  """user_oracle for one size, cached in `path` (it depends on the world and split only)."""
+  if os.path.exists(path):
+    return json.load(open(path))
+  t0 = time.perf_counter()
+  out = user_oracle(config)
+  if out is not None:
+    out["oracle_wall_s"] = time.perf_counter() - t0
+  with open(path, "w") as f:
+    json.dump(out, f)
+  return out
+
+
 def markdown(points: list[dict], title: str) -> str:
-  head = ["rows", "width", "hidden", "params", "test AUC", "Bayes AUC", "gap", "best epoch",
-          "train ex/s", "wall s"]
+  head = ["rows", "width", "hidden", "params", "test AUC", "Bayes AUC", "gap",
+          "user-oracle gap", "best epoch", "train ex/s", "wall s"]
   lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in points:
     lines.append("| " + " | ".join([
         f"{p['rows']:,}", width_label(p["width"]), str(tuple(p["hidden"])),
         f"{p['parameters']:,}" if p.get("parameters") else "?",
         f"{p['test_auc']:.4f}", f"{p['bayes_auc']:.4f}", f"{p['gap']:.4f}",
+        f"{p['oracle_gap']:.4f}" if p.get("oracle_gap") is not None else "-",
         f"{p['best_epoch']}/{p['epochs_run']}", f"{p['examples_per_sec']:,.0f}",
         f"{p['wall_s']:.0f}"]) + " |")
   return "\n".join(lines) + "\n"
@@ -166,6 +250,13 @@ def plot(points: list[dict], path: str, title: str) -> None:
   fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(10, 4))
   bayes = [float(np.mean([p["bayes_auc"] for p in points if p["rows"] == r])) for r in rows]
   ax.plot(rows, bayes, "k--", label="Bayes-optimal")
+  oracle = sorted({(p["rows"], p["oracle_auc"], p["oracle_gap"]) for p in points
+                   if p.get("oracle_auc") is not None})
+  if oracle:
+    label = "learner told all but the users' own vectors"
+    ax.plot([o[0] for o in oracle], [o[1] for o in oracle], "k:", marker=".", label=label)
+    ax_gap.plot([o[0] for o in oracle], [max(o[2], 1e-5) for o in oracle], "k:", marker=".",
+                label=label)
   for w in widths:
     pts = sorted((p for p in points if p["width"] == w), key=lambda p: p["rows"])
     label = f"width x{width_label(w)} {tuple(pts[0]['hidden'])}"
@@ -182,6 +273,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
   ax_gap.set_xlabel("rows generated")
   ax_gap.set_ylabel("Bayes AUC - test AUC")
   ax_gap.grid(True, which="both", alpha=0.3)
+  ax_gap.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
@@ -206,6 +298,8 @@ def main(argv=None) -> dict:
                  help="a small world and model at two tiny sizes (CI smoke run)")
   p.add_argument("--out", default=os.path.join(REPO, "runs", "scaling"))
   p.add_argument("--quiet", action="store_true", help="no training log")
+  p.add_argument("--no-oracle", action="store_true",
+                 help="skip the reference learner told all but the users' own vectors")
   p.add_argument("overrides", nargs="*", help="extra --config.x=y overrides (after --)")
   args = p.parse_args(argv)
 
@@ -224,9 +318,21 @@ def main(argv=None) -> dict:
       point = {"rows": n, "width": width, "hidden": list(config.model.hidden),
                "model": config.model.name, "workdir": workdir,
                **run_point(config, workdir, args.quiet)}
+      oracle = None if args.no_oracle else oracle_point(
+          config, os.path.join(args.out, f"oracle_r{n}.json"))
+      if oracle is not None:
+        # The same test rows as the run's, or the reference means nothing: the ceilings agree.
+        if abs(oracle["oracle_bayes_auc"] - point["bayes_auc"]) > 1e-9:
+          raise SystemExit(f"user oracle at {n:,} rows: Bayes AUC {oracle['oracle_bayes_auc']}"
+                           f" on its test rows, {point['bayes_auc']} on the run's: the splits "
+                           "differ (mscenario/data/prepare.py changed?)")
+        point["oracle_auc"] = oracle["oracle_auc"]
+        point["oracle_gap"] = oracle["oracle_bayes_auc"] - oracle["oracle_auc"]
       print(f"scaling: rows {n:,} width x{width_label(width)}: test AUC "
             f"{point['test_auc']:.4f}  Bayes {point['bayes_auc']:.4f}  gap {point['gap']:.4f}"
-            f"  {point['examples_per_sec']:,.0f} ex/s  {point['wall_s']:.0f}s", flush=True)
+            f"  {point['examples_per_sec']:,.0f} ex/s  {point['wall_s']:.0f}s"
+            + (f"  (user oracle gap {point['oracle_gap']:.4f})" if "oracle_gap" in point
+               else ""), flush=True)
       points.append(point)
 
   model = points[0]["model"]

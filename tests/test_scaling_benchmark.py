@@ -28,14 +28,17 @@ def test_scaling_small(tmp_path):
     assert abs(p["gap"] - (p["bayes_auc"] - p["test_auc"])) < 1e-12
     assert p["examples_per_sec"] > 0 and p["wall_s"] > 0 and p["parameters"] > 0
     assert os.path.exists(os.path.join(p["workdir"], "results.json"))
+    # The reference learner is told the item side: it must beat the model that learns it.
+    assert 0.0 < p["oracle_gap"] < p["gap"], p
   small, large = points
   # The same world's test split grows with the rows: the ceiling barely moves, the gap must
-  # shrink by a wide margin (measured: 0.121 -> 0.064, test AUC 0.700 -> 0.774).
+  # shrink by a wide margin (measured: 0.118 -> 0.063, test AUC 0.702 -> 0.775).
   assert abs(small["bayes_auc"] - large["bayes_auc"]) < 0.03
   assert large["gap"] < 0.75 * small["gap"], points
   assert large["test_auc"] > small["test_auc"] + 0.03, points
 
   table = (out / "scaling.md").read_text()
-  assert "| rows | width |" in table and "40,000" in table and f"{large['gap']:.4f}" in table
+  assert "| rows | width |" in table and "user-oracle gap" in table
+  assert "40,000" in table and f"{large['gap']:.4f}" in table
   png = (out / "scaling.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
