@@ -2,7 +2,9 @@
 
 Starts the server as its own process on a free loopback port (so its RSS is its own), reads
 GET /openapi.json and derives Hypothesis strategies from the Request schema
-(its own small schema -> strategy translator, `from_schema`): valid requests must get 200 with one finite probability per item;
+(its own small schema -> strategy translator, `from_schema`) and sends them to every POST
+endpoint that takes that request (/v1/predict, /v1/explain): valid requests must get 200 with
+one finite probability (or one explanation of finite numbers) per item;
 mutated ones (unknown / misspelt fields, huge integers, 1e308, long strings, deep nesting,
 wrong types, arbitrary JSON and bytes) must get a 4xx, never a 5xx. Every request must answer
 within a timeout. Meanwhile a background load of valid requests runs while MODEL_DIR/CURRENT
@@ -322,25 +324,53 @@ def _probabilities_ok(body: dict, kind: str, req) -> bool:
       isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= 1.0 for p in probs for x in p)
 
 
+def _explanations_ok(body: dict, kind: str, req) -> bool:
+  """One explanation per item: finite logit, baseline logit, probability in [0, 1] and a
+  finite contribution for every feature the response names."""
+  import math
+  if kind == "valid":
+    groups, want = [body["items"]], [len(req["items"])]
+  else:
+    groups = [r["items"] for r in body["results"]]
+    want = [len(r["items"]) for r in req["requests"]]
+  feats = body["features"]
+  finite = lambda x: isinstance(x, float) and math.isfinite(x)  # noqa: E731
+  return [len(g) for g in groups] == want and all(
+      finite(it["logit"]) and finite(it["baseline_logit"]) and 0.0 <= it["probability"] <= 1.0
+      and list(it["contributions"]) == feats and all(finite(v) for v in
+                                                     it["contributions"].values())
+      for g in groups for it in g)
+
+
+def request_paths(doc: dict) -> list[str]:
+  """The POST endpoints of the document that take the Request schema."""
+  return sorted(p for p, ops in doc["paths"].items()
+                if "Request" in json.dumps(ops.get("post", {}).get("requestBody", {})))
+
+
 def fuzz(url: str, doc: dict, *, cases: int, seconds: float, seed: int = 0,
          timeout_s: float = 30.0, log=print) -> dict:
-  """Send `cases` generated requests (or until `seconds`): returns counts and failures."""
+  """Send `cases` generated requests (or until `seconds`), each to one of the endpoints that
+  take the Request schema: returns counts (per endpoint too) and failures."""
   import httpx
   from hypothesis import HealthCheck, given, settings, strategies as st
   valid, hostile = strategies(doc)
+  paths = request_paths(doc)
   stats = {"cases": 0, "status": collections.Counter(), "kinds": collections.Counter(),
-           "failures": [], "max_latency_s": 0.0}
+           "paths": collections.Counter(), "failures": [], "max_latency_s": 0.0}
   t_end = time.time() + seconds
   client = httpx.Client(base_url=url, timeout=timeout_s,
                         headers={"content-type": "application/json"})
 
-  def record(kind, status, latency, problem, body):
+  def record(kind, status, latency, problem, body, path):
     stats["cases"] += 1
+    stats["paths"][path, status] += 1
     stats["status"][status] += 1
     stats["kinds"][kind] += 1
     stats["max_latency_s"] = max(stats["max_latency_s"], latency)
     if problem and len(stats["failures"]) < 20:
-      stats["failures"].append({"kind": kind, "status": status, "problem": problem,
+      stats["failures"].append({"path": path, "kind": kind, "status": status,
+                                "problem": problem,
                                 "body": body[:300].decode("utf-8", "replace"),
                                 "tail": body[-200:].decode("utf-8", "replace")})
     if stats["cases"] % 500 == 0:
@@ -349,17 +379,18 @@ def fuzz(url: str, doc: dict, *, cases: int, seconds: float, seed: int = 0,
 
   @settings(max_examples=cases, deadline=None, database=None, derandomize=False,
             suppress_health_check=list(HealthCheck), phases=["generate"])
-  @given(st.one_of(valid, hostile.map(lambda b: ("hostile", b))), st.randoms())
-  def case(drawn, _rng):
+  @given(st.one_of(valid, hostile.map(lambda b: ("hostile", b))), st.sampled_from(paths),
+         st.randoms())
+  def case(drawn, path, _rng):
     if time.time() > t_end:
       return
     kind, req = drawn
     body = req if isinstance(req, bytes) else json.dumps(req).encode()
     t = time.perf_counter()
     try:
-      r = client.post("/v1/predict", content=body)
+      r = client.post(path, content=body)
     except httpx.TimeoutException:
-      record(kind, "timeout", time.perf_counter() - t, "no answer within timeout", body)
+      record(kind, "timeout", time.perf_counter() - t, "no answer within timeout", body, path)
       return
     latency = time.perf_counter() - t
     problem = None
@@ -370,11 +401,13 @@ def fuzz(url: str, doc: dict, *, cases: int, seconds: float, seed: int = 0,
     elif kind != "hostile":
       if r.status_code != 200:
         problem = f"valid request refused: {r.text[:300]}"
-      elif not _probabilities_ok(r.json(), kind, req):
+      elif path == "/v1/explain" and not _explanations_ok(r.json(), kind, req):
+        problem = "wrong number of explanations or a non-finite number in one"
+      elif path != "/v1/explain" and not _probabilities_ok(r.json(), kind, req):
         problem = "wrong number of probabilities or a non-finite one"
     if r.status_code == 422 and not r.json().get("errors"):
       problem = "422 without per-field errors"
-    record(kind, r.status_code, latency, problem, body)
+    record(kind, r.status_code, latency, problem, body, path)
 
   case()
   client.close()
@@ -464,6 +497,7 @@ def main(argv=None):
   five = sum(n for s, n in stats["status"].items() if isinstance(s, int) and s >= 500)
   print(f"\ncases tried: {stats['cases']} in {elapsed:.0f} s ({dict(stats['kinds'])})")
   print(f"status codes: {dict(sorted(stats['status'].items(), key=str))}")
+  print(f"per endpoint: {dict(sorted(stats['paths'].items(), key=str))}")
   print(f"5xx: {five}; timeouts (> {args.timeout_s:g} s): {stats['status'].get('timeout', 0)}")
   print(f"max latency: {stats['max_latency_s']:.3f} s")
   print(f"server RSS: start {rss.start_rss / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB "

@@ -263,7 +263,8 @@ def test_uvicorn_limits_connections_headers_and_slow_bodies(model_dir):
 
 # ---------------------------------------------------------------------------- fuzz (short)
 def test_fuzz_from_openapi_against_live_server_during_hot_swaps(fuzz_model, tmp_path):
-  """Schema-generated valid requests -> 200 with finite probabilities; mutated ones -> 4xx;
+  """Schema-generated valid requests to /v1/predict and /v1/explain (the endpoints that take
+  the Request schema) -> 200 with finite probabilities / explanations; mutated ones -> 4xx;
   no 5xx, no answer slower than 20 s, server RSS < 1.5 GB, and a concurrent load while
   CURRENT swaps every 0.3 s loses nothing. Bounded: 400 cases or 30 s."""
   model_dir = str(tmp_path / "model")
@@ -292,6 +293,8 @@ def test_fuzz_from_openapi_against_live_server_during_hot_swaps(fuzz_model, tmp_
   assert stats["cases"] >= 100, stats
   assert not any(isinstance(s, int) and s >= 500 for s in stats["status"]), stats["status"]
   assert stats["status"][200] and stats["status"][422], stats["status"]
+  for path in ("/v1/predict", "/v1/explain"):  # both endpoints got valid and hostile cases
+    assert stats["paths"][path, 200] and stats["paths"][path, 422], stats["paths"]
   assert peak < 1.5 * 2 ** 30, peak
   assert load["sent"] > 20 and load["ok"] == load["sent"], load
   assert load["swaps"] >= 2 and len(load["versions"]) == 2, load
