@@ -242,6 +242,9 @@ def fit(users, items, values, n_users: int, n_items: int, cfg, user_count=None,
     v0 = np.random.default_rng(seed).standard_normal(min(n_users, n_items))
     u, s, vt = svds(z, k=rank, v0=v0)
     uf, vf = u * s, vt.T
+    # Users / items without feedback have exactly zero rows in the true SVD (ARPACK leaves
+    # ~1e-17): the new-user / new-item fallback is then exactly "no factor score".
+    uf[n_u == 0], vf[n_i == 0] = 0.0, 0.0
   else:
     uf, vf = np.zeros((n_users, 0)), np.zeros((n_items, 0))
   if user_count is None:
