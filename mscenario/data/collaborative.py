@@ -104,6 +104,8 @@ class CFModel:
         out[f"{f.name}.shape"] = np.asarray(v.shape)
       elif f.name == "values" and np.array_equal(v.astype(np.float32), v):
         out[f.name] = v.astype(np.float32)  # stars, 0/1 labels: exact in float32
+      elif f.name in ("users", "items") and (not len(v) or v.max() < 2**31):
+        out[f.name] = v.astype(np.int32)
       else:
         out[f.name] = v
     buf = io.BytesIO()
