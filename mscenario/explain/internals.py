@@ -6,6 +6,13 @@
   STAR:  the logit with the scenario-specific factors at identity (scenario kernels and
          norm scales 1, scenario biases 0, scenario context at its traffic-weighted mean:
          the shared network alone) next to the full logit.
+  input gates: PEPNet's EPNet gate ('ep_gate') and AdaSparse's input pruner ('pruner_0')
+         scale every column of x = concat(flatten(embeddings), dense); their per-row outputs
+         (captured) -> mean gate per feature x scenario. Hidden-layer gates (PEPNet
+         'pp_gate_<l>', AdaSparse 'pruner_<l>') -> mean gate and fraction cut to exactly 0
+         (AdaSparse's learned sparsity) per layer x scenario.
+  M2M:   the scenario-generated weights of each meta unit (MetaWeights outputs [S, in, out],
+         captured) -> their norm per scenario, and the scenario representations.
 """
 from __future__ import annotations
 
@@ -47,6 +54,71 @@ def make_gate_fn(model):
           leaf.astype(jnp.float32), axis=-1)
     return out
   return gates
+
+
+INPUT_GATES = ("ep_gate", "pruner_0")
+LAYER_GATE_PREFIXES = ("pp_gate_", "pruner_")
+META_UNITS = ("meta_attention", "meta_tower_")
+SCENARIO_REPS = ("scenario_mlp", "task_mlp")
+
+
+def _wanted(name) -> bool:
+  return isinstance(name, str) and (name in INPUT_GATES or name in SCENARIO_REPS or any(
+      name.startswith(p) for p in LAYER_GATE_PREFIXES + META_UNITS))
+
+
+def make_capture_fn(model):
+  """Jitted (params, model_state, batch) -> {module path: output} of the gate, pruner,
+  meta-unit and scenario-representation submodules above ({} when the model has none).
+  Outputs are as the module returned them (MetaWeights: (kernel, bias))."""
+  @jax.jit
+  def capture(params, model_state, batch):
+    batch = route_scenarios(model, batch)
+    _, inter = model.apply({"params": params, **model_state}, batch, train=False,
+                           capture_intermediates=lambda mdl, _: _wanted(mdl.name),
+                           mutable=["intermediates"])
+    out = {}
+    flat = jax.tree_util.tree_flatten_with_path(
+        inter.get("intermediates", {}), is_leaf=lambda x: isinstance(x, tuple))[0]
+    for path, leaf in flat:
+      names = [n for n in _names(path) if isinstance(n, str)]
+      if names and names[-1] == "__call__":
+        names = names[:-1]
+      if not names or not _wanted(names[-1]):
+        continue
+      value = leaf[0] if isinstance(leaf, tuple) and len(leaf) == 1 else leaf
+      out["/".join(names)] = value
+    return out
+  return capture
+
+
+def input_columns(model, width: int) -> list[str] | None:
+  """The feature each column of x = concat(flatten(embeddings), dense) belongs to (None when
+  `width` does not match the model's fields)."""
+  schema = model.schema
+  fields = [f.name for f in (*schema.sparse, *schema.multi)]
+  e = model.embed_dim
+  base = getattr(schema, "base", schema)
+  dense = list(getattr(base, "dense", ()))
+  extra = width - len(fields) * e - len(dense)
+  if extra < 0:
+    return None
+  return ([f for f in fields for _ in range(e)] + dense
+          + [f"dense_extra_{k}" for k in range(extra)])
+
+
+def per_feature(values: np.ndarray, columns: list[str]) -> tuple[list[str], np.ndarray]:
+  """[..., W] column values -> (feature names, [..., F] mean over each feature's columns)."""
+  names = list(dict.fromkeys(columns))
+  cols = np.asarray(columns)
+  return names, np.stack([values[..., cols == n].mean(axis=-1) for n in names], axis=-1)
+
+
+def neutral_gate(model) -> float:
+  """The gate value that leaves a column unchanged at initialisation (gamma/2 or beta/2:
+  sigmoid(0) times the gate's scale); profiles are read as deviations from it."""
+  scale = getattr(model, "gate_gamma", None) or getattr(model, "pruner_beta", None) or 2.0
+  return float(scale) / 2.0
 
 
 def expert_labels(model, num: int) -> list[str]:

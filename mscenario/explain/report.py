@@ -10,6 +10,7 @@ import numpy as np
 
 from mscenario.explain import attribute, internals, plots, summary
 from mscenario.explain.attribute import _batch
+from mscenario.explain.baseline import context_paths, get_path
 from mscenario.explain.integrated import make_logits_fn
 from mscenario.metrics import auc
 from mscenario.train.workdir import write_json
@@ -48,6 +49,90 @@ def _gates(run, explainer, arrays, idx, batch_size: int):
       sums[name] = sums.get(name, 0) + own
     counts += onehot.sum(axis=0)
   return {k: v / np.maximum(counts, 1)[:, None] for k, v in sums.items()}
+
+
+def _captured(run, explainer, arrays, idx, batch_size: int):
+  """Per-row gates -> ({name: [S, W] mean per scenario}, {name: [S, W] fraction exactly 0});
+  per-scenario outputs (M2M's generated weights, scenario representations) -> {name: value}
+  as computed once from the params."""
+  fn = internals.make_capture_fn(run.setup.model)
+  s = run.setup.model.schema.num_scenarios
+  sums, zeros, counts, fixed = {}, {}, np.zeros(s), {}
+  for batch, real in _batches(explainer, arrays, idx, batch_size):
+    out = fn(run.state.params, run.state.model_state, batch)
+    if not out:
+      return {}, {}, {}
+    onehot = np.eye(s)[np.asarray(batch["scenario"][:real]).astype(np.int64)]  # [B, S]
+    for name, v in out.items():
+      last = name.rsplit("/", 1)[-1]
+      if last.startswith(internals.META_UNITS) or last in internals.SCENARIO_REPS:
+        fixed.setdefault(name, jax.tree.map(np.asarray, v))
+        continue
+      g = np.asarray(v, np.float64)[:real]                                         # [B, W]
+      sums[name] = sums.get(name, 0) + onehot.T @ g
+      zeros[name] = zeros.get(name, 0) + onehot.T @ (g == 0).astype(np.float64)
+    counts += onehot.sum(axis=0)
+  c = np.maximum(counts, 1)[:, None]
+  return ({k: v / c for k, v in sums.items()}, {k: v / c for k, v in zeros.items()}, fixed)
+
+
+def _gate_sections(run, out: str, names: list, means: dict, zeros: dict, fixed: dict,
+                   result: dict, sims: list) -> None:
+  """explain.json sections + PNGs of the captured gates and M2M's scenario parameters."""
+  model = run.setup.model
+  neutral = internals.neutral_gate(model)
+  profiles = []
+  for name, m in means.items():
+    last = name.rsplit("/", 1)[-1]
+    if last in internals.INPUT_GATES:
+      cols = internals.input_columns(model, m.shape[1])
+      if cols is None:
+        continue
+      feats, table = internals.per_feature(m, cols)
+      file = f"input_gate_{name.replace('/', '_')}.png"
+      plots.heatmap(table, names, feats, os.path.join(out, file),
+                    f"mean {last} gate per feature and scenario ({neutral:g} = unchanged)",
+                    cmap="coolwarm", vmin=min(table.min(), 2 * neutral - table.max()),
+                    vmax=max(table.max(), 2 * neutral - table.min()))
+      result.setdefault("input_gates", {})[name] = {
+          "features": feats, "mean_gate": _clean(table), "neutral": neutral, "png": file}
+      profiles.append(m - neutral)  # amplified (+) / damped (-) per column
+    else:
+      result.setdefault("layer_gates", {})[name] = {
+          "units": int(m.shape[1]), "mean_gate": _clean(m.mean(axis=1)),
+          "fraction_zero": _clean(zeros[name].mean(axis=1)), "neutral": neutral}
+  if profiles:
+    sim = summary.cosine_similarity(np.concatenate(profiles, axis=1))
+    result["similarity"]["input_gates"] = _clean(sim)
+    sims.append(("input gates", sim))
+  units = {k: v for k, v in fixed.items()
+           if k.rsplit("/", 1)[-1].startswith(internals.META_UNITS)}
+  if units:
+    params = {}
+    for name, (kernel, bias) in sorted(units.items()):
+      k2 = kernel.reshape(kernel.shape[0], -1).astype(np.float64)
+      params[name] = {
+          "kernel_norm": _clean(np.linalg.norm(k2, axis=1)),
+          "kernel_specific_norm": _clean(np.linalg.norm(k2 - k2.mean(axis=0), axis=1)),
+          "bias_norm": _clean(np.linalg.norm(bias.astype(np.float64), axis=1))}
+    table = np.asarray([params[n]["kernel_specific_norm"] for n in params]).T     # [S, U]
+    plots.heatmap(table, names, list(params), os.path.join(out, "scenario_parameters.png"),
+                  "norm of each scenario's generated weights minus the scenarios' mean")
+    result["scenario_parameters"] = {"units": params, "png": "scenario_parameters.png"}
+    flat = np.concatenate([units[n][0].reshape(len(names), -1) for n in sorted(units)], 1)
+    sim = summary.cosine_similarity(flat - flat.mean(axis=0))
+    result["similarity"]["generated_weights"] = _clean(sim)
+    sims.append(("generated weights", sim))
+
+
+def _embedding_similarity(run, result: dict, sims: list) -> None:
+  """Cosine of the learned scenario embedding rows (every model with such a param)."""
+  params = run.state.params
+  for path in context_paths(params, run.setup.model.schema.num_scenarios):
+    sim = summary.cosine_similarity(np.asarray(get_path(params, path), np.float64))
+    key = "/".join(map(str, path))
+    result["similarity"].setdefault("scenario_embedding", {})[key] = _clean(sim)
+    sims.append((path[-1], sim))
 
 
 def _star(run, explainer, arrays, idx, batch_size: int):
@@ -146,6 +231,9 @@ def write(out: str, run, explainer, a: attribute.Attributions, arrays, lines, so
   sims = [("attribution", summary.cosine_similarity(table))]
   if gates:
     sims.append(("gates", np.asarray(result["similarity"]["gates"], np.float64)))
+  means, zeros, fixed = _captured(run, explainer, arrays, a.index, batch_size)
+  _gate_sections(run, out, names, means, zeros, fixed, result, sims)
+  _embedding_similarity(run, result, sims)
   sim_rows = [f"{n} ({k})" for k, _ in sims for n in names]
   plots.heatmap(np.concatenate([m for _, m in sims]), sim_rows, names,
                 os.path.join(out, "scenario_similarity.png"),
@@ -179,5 +267,16 @@ def summary_text(result: dict, out: str) -> str:
     vals = [result["mean_abs_attribution"][n][f] for n in result["scenarios"]]
     lines.append(f"  {f:<{width}}" + "".join(f"{v:10.4f}" if v is not None else f"{'-':>10}"
                                              for v in vals))
+  for name, g in result.get("input_gates", {}).items():
+    table = np.asarray(g["mean_gate"], np.float64)
+    top = [g["features"][int(np.nanargmax(row))] for row in table]
+    lines.append(f"{name}: most amplified feature per scenario: "
+                 + ", ".join(f"{n} {f}" for n, f in zip(result["scenarios"], top)))
+  for name, g in result.get("layer_gates", {}).items():
+    if any(v for v in g["fraction_zero"] if v):
+      lines.append(f"{name}: fraction of units cut per scenario: "
+                   + ", ".join(f"{n} {v:.2f}" for n, v in zip(result["scenarios"],
+                                                              g["fraction_zero"])))
+  lines.append("scenario similarity from: " + ", ".join(result["similarity"]))
   lines.append(f"wrote {os.path.join(out, 'explain.json')}, attributions.csv and PNGs")
   return "\n".join(lines)
