@@ -64,10 +64,15 @@ def main():
   p.add_argument("--extra", default="", help="more --config overrides for every run")
   p.add_argument("--private-extra", default="", help="--config overrides for private runs")
   p.add_argument("--user-extra", default="", help="--config overrides for user-level runs")
+  p.add_argument("--schedule-baseline", action="store_true",
+                 help="also train non-privately with the private runs' overrides")
   a = p.parse_args()
   common = ["--config.model.batch_norm=false", *a.extra.split()]
   private = a.private_extra.split()
+  p_sched = a.schedule_baseline
   runs = [("non-private", [])]
+  if p_sched:  # how much of the gap is the private runs' schedule (batch, lr, epochs) alone
+    runs.append(("non-private, private schedule", private))
   user = [float(e) for e in a.user_epsilons.split(",") if e]
   example = [float(e) for e in a.epsilons.split(",") if e]
   # The headline pair first, so a cut-short benchmark still has it.
@@ -84,7 +89,7 @@ def main():
                                              f"--config.privacy.epsilon={eps}"]))
   rows = []
   for name, extra in runs:
-    wd = os.path.join(a.out, name.replace(", ", "_").replace("=", ""))
+    wd = os.path.join(a.out, name.replace(", ", "_").replace("=", "").replace(" ", "-"))
     run(a.config, wd, a.seed, a.root, common + extra)
     rows.append((name, *summarize(wd)))
   base = rows[0][1]["overall"]["auc"]
