@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mscenario.explain import attribute, internals, plots, summary
+from mscenario.explain import attribute, internals, neighbours, plots, summary
 from mscenario.explain.attribute import _batch
 from mscenario.explain.baseline import context_paths, get_path
 from mscenario.explain.integrated import make_logits_fn
@@ -169,7 +169,7 @@ def _star(run, explainer, arrays, idx, batch_size: int):
 
 
 def write(out: str, run, explainer, a: attribute.Attributions, arrays, lines, source: str,
-          batch_size: int) -> dict:
+          batch_size: int, cold_items=()) -> dict:
   schema = run.setup.model.schema
   names = list(schema.scenario_names)
   s = len(names)
@@ -239,9 +239,38 @@ def write(out: str, run, explainer, a: attribute.Attributions, arrays, lines, so
                 os.path.join(out, "scenario_similarity.png"),
                 "scenario similarity (cosine of per-scenario profiles)", vmin=-1.0, vmax=1.0,
                 cmap="coolwarm")
+  if cold_items:
+    _cold_items(out, cold_items, a, lines, result)
   _write_csv(os.path.join(out, "attributions.csv"), a, lines, names, feats)
   write_json(os.path.join(out, "explain.json"), result, indent=2)
   return result
+
+
+def _cold_items(out: str, cold: list, a, lines, result: dict) -> None:
+  """explain.json 'cold_items' (the first neighbours.MAX_COLD_ROWS) and
+  cold_item_neighbours.csv (all): each cold row's input line, logit and nearest training
+  items in the text space."""
+  pos = {int(r): i for i, r in enumerate(a.index)}
+  entries = []
+  for c in cold:
+    i = pos[c["row"]]
+    entries.append({"line": int(lines[i]), "scenario": c["scenario"],
+                    "logit": float(a.logit[i]), "neighbours": c["neighbours"]})
+  result["cold_items"] = {
+      "method": "cosine similarity of the row's text vector to the item text table's rows of "
+                "items in the training rows", "rows": len(entries),
+      "items": entries[:neighbours.MAX_COLD_ROWS], "csv": "cold_item_neighbours.csv"}
+  result["files"]["cold_items_csv"] = "cold_item_neighbours.csv"
+  with open(os.path.join(out, "cold_item_neighbours.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["line", "scenario", "logit", "rank", "item", "cosine",
+                "train_rows_in_scenario", "train_click_rate_in_scenario"])
+    for e in entries:
+      for k, n in enumerate(e["neighbours"], 1):
+        rate = n["train_click_rate_in_scenario"]
+        w.writerow([e["line"], e["scenario"], f"{e['logit']:.6f}", k, n["item"],
+                    f"{n['cosine']:.6f}", n["train_rows_in_scenario"],
+                    "" if rate is None else f"{rate:.4f}"])
 
 
 def _write_csv(path: str, a, lines, names, feats) -> None:
@@ -278,5 +307,9 @@ def summary_text(result: dict, out: str) -> str:
                    + ", ".join(f"{n} {v:.2f}" for n, v in zip(result["scenarios"],
                                                               g["fraction_zero"])))
   lines.append("scenario similarity from: " + ", ".join(result["similarity"]))
+  for c in result.get("cold_items", {}).get("items", [])[:3]:
+    near = ", ".join(f"{n['item']} ({n['cosine']:.2f})" for n in c["neighbours"][:3])
+    lines.append(f"cold item on line {c['line']} ({c['scenario']}): nearest training items "
+                 f"in the text space: {near}")
   lines.append(f"wrote {os.path.join(out, 'explain.json')}, attributions.csv and PNGs")
   return "\n".join(lines)

@@ -9,10 +9,11 @@ import numpy as np
 
 from mscenario.data.sources import load_source
 from mscenario.errors import MscenarioError
-from mscenario.explain import integrated, report
+from mscenario.explain import integrated, neighbours, report
 from mscenario.explain.attribute import Explainer
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import loop
+from mscenario.text.tables import new_item_text_vectors
 from mscenario.train.evaluate import _text_tables
 from mscenario.train.workdir import CONFIG, WorkDir
 
@@ -23,6 +24,7 @@ class Run:
   data: object
   setup: object
   state: object
+  text_tables: dict | None = None
 
 
 def load_run(workdir: str, overrides=(), log=print) -> Run:
@@ -32,10 +34,10 @@ def load_run(workdir: str, overrides=(), log=print) -> Run:
   wd.require(CONFIG)
   config = wd.read_config(overrides)
   data = loop.load_data(config, log=log)
-  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
-                     _text_tables(config, workdir, data))
+  tables = _text_tables(config, workdir, data)
+  setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
   state = wd.restore(setup.abstract_state, "best", config.train.keep_checkpoints)[0]
-  return Run(config, data, setup, state)
+  return Run(config, data, setup, state, tables)
 
 
 def _sample(idx: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
@@ -48,7 +50,8 @@ def _sample(idx: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
 
 def _input_rows(run: Run, workdir: str, input_path: str):
   """(arrays, line numbers) of a CSV/Parquet file of raw rows, through the run's transform
-  (predict's path: unknown values -> OOV; no label needed)."""
+  (predict's path: unknown values -> OOV; no label needed; items new to a text-fused model
+  get their text vector from their raw fields, as `predict` scores them)."""
   if not os.path.isfile(input_path):
     raise MscenarioError(f"--input {input_path}: no such file")
   cfg = run.config.copy_and_resolve_references()
@@ -59,6 +62,11 @@ def _input_rows(run: Run, workdir: str, input_path: str):
   arrays, keep, _ = transform.apply(table, on_error=cfg.data.on_error, require_label=False)
   if len(arrays["label"]) == 0:
     raise MscenarioError(f"--input {input_path}: no rows to explain")
+  if cfg.text.get("enabled", False) and cfg.text.get("fusion", "concat") != "none":
+    fresh = new_item_text_vectors(cfg, workdir, table.columns, arrays["item"],
+                                  np.flatnonzero(keep), log=lambda *_: None)
+    if fresh is not None:
+      arrays["item_text"], arrays["item_text_mask"] = fresh
   return arrays, np.asarray(table.row_line)[keep]
 
 
@@ -96,7 +104,12 @@ def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
   attributions = explainer.explain(arrays, idx, batch_size=min(batch_size, len(idx)))
   out = out or workdir
   os.makedirs(out, exist_ok=True)
+  cold = []
+  if run.text_tables and "items" in run.text_tables:
+    cold = neighbours.cold_item_neighbours(
+        arrays, idx, data.arrays, np.asarray(data.splits["train"]), run.text_tables["items"],
+        data.transform.state["item_vocab"], run.setup.model.schema.scenario_names)
   result = report.write(out, run, explainer, attributions, arrays, lines, source,
-                        batch_size=min(batch_size, len(idx)))
+                        batch_size=min(batch_size, len(idx)), cold_items=cold)
   log(report.summary_text(result, out))
   return result
