@@ -9,6 +9,7 @@ per item; failures are counted and reported.
 
   python benchmarks/serve_load.py --model MODEL_DIR          # an exported model
   python benchmarks/serve_load.py                             # trains + exports a tiny one
+  python benchmarks/serve_load.py --endpoint /v1/explain      # explanations (same requests)
 
 The client is a few lines of asyncio over raw keep-alive HTTP/1.1: a full HTTP client library
 would cost more CPU than the server on a 2-core machine and measure itself.
@@ -75,6 +76,9 @@ def payloads(model_dir: str, n_items: int, count: int, seed: int = 0) -> list[by
   return out
 
 
+ENDPOINT = "/v1/predict"  # --endpoint
+
+
 class Conn:
   def __init__(self, host: str, port: int):
     self.host, self.port = host, port
@@ -83,8 +87,9 @@ class Conn:
     self.r, self.w = await asyncio.open_connection(self.host, self.port)
 
   async def post(self, body: bytes) -> tuple[int, bytes]:
-    self.w.write(b"POST /v1/predict HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % (self.host.encode(), len(body)) + body)
+    self.w.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (ENDPOINT.encode(), self.host.encode(),
+                                                len(body)) + body)
     head = await self.r.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -99,7 +104,8 @@ class Conn:
 def _check(status: int, body: bytes, n_items: int) -> bool:
   if status != 200:
     return False
-  return len(json.loads(body)["probabilities"]) == n_items
+  out = json.loads(body)
+  return len(out["items"] if ENDPOINT == "/v1/explain" else out["probabilities"]) == n_items
 
 
 async def closed_loop(host, port, bodies, n_items, clients, max_requests, max_seconds):
@@ -183,8 +189,11 @@ def main():
   p.add_argument("--rate", type=float, default=500.0, help="open-loop single-item req/s")
   p.add_argument("--rate-seconds", type=float, default=5.0)
   p.add_argument("--max-batch-wait-ms", type=float, default=0.5)
+  p.add_argument("--endpoint", default="/v1/predict", choices=["/v1/predict", "/v1/explain"])
   p.add_argument("--out", help="write the results as JSON here")
   args = p.parse_args()
+  global ENDPOINT
+  ENDPOINT = args.endpoint
   tmp = tempfile.mkdtemp(prefix="serve_load_")
   model = args.model or tiny_model(tmp)
   port = _free_port()
@@ -192,7 +201,7 @@ def main():
                              "--port", str(port), "--max-batch-wait-ms",
                              str(args.max_batch_wait_ms), "--watch-interval-s", "0"],
                             cwd=REPO, stdout=subprocess.DEVNULL)
-  results = {"cells": [], "cpus": os.cpu_count()}
+  results = {"cells": [], "cpus": os.cpu_count(), "endpoint": args.endpoint}
   try:
     deadline = time.time() + 120
     while True:
@@ -205,7 +214,8 @@ def main():
         time.sleep(0.2)
     for n_items in [int(x) for x in args.items.split(",")]:
       bodies = payloads(model, n_items, 200)
-      asyncio.run(closed_loop("127.0.0.1", port, bodies, n_items, 4, 50, 5))  # warm-up
+      most = max(int(x) for x in args.clients.split(","))  # warm-up: every batch size
+      asyncio.run(closed_loop("127.0.0.1", port, bodies, n_items, most, 4 * most, 60))
       for clients in [int(x) for x in args.clients.split(",")]:
         r = asyncio.run(closed_loop("127.0.0.1", port, bodies, n_items, clients,
                                     args.max_requests, args.max_seconds))
