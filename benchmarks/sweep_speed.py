@@ -40,6 +40,70 @@ def auc(workdir: str) -> float:
     return json.load(f)["overall"]["auc"]
 
 
+def step_costs(config_path: str, overrides: list[str], replicas: int, steps: int = 8,
+               reps: int = 5) -> dict:
+  """Examples/s of R single jitted steps vs one vmapped step of R replicas, on the same
+  staged batches, interleaved in this process (shared cores make separate runs
+  incomparable): does the replica axis make each example cheaper?"""
+  import itertools
+  import statistics
+
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, REPO)
+  from mscenario.config import load_config
+  from mscenario.data import pipeline
+  from mscenario.data.prepare import prepare
+  from mscenario.parallel import mesh as mesh_lib
+  from mscenario.train import state as state_lib
+
+  config = load_config(config_path, overrides)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  data = prepare(config, log=lambda *_: None)
+  setup = state_lib.build(config, data, mesh)
+  it = pipeline.BatchIterator(data, "train", config.train.batch_size, seed=0, shuffle=True,
+                              drop_last=True)
+  batches = [pipeline.to_global(b, mesh_lib.batch_sharding(mesh))
+             for b in itertools.islice(it.epoch(0), 4)]
+  single = jax.jit(setup.step_fn, donate_argnums=0)
+  many = jax.jit(jax.vmap(setup.step_fn), donate_argnums=0)
+  mapped = jax.jit(lambda st, b: jax.lax.map(lambda a: setup.step_fn(*a), (st, b)),
+                   donate_argnums=0)
+  stack = lambda x: jnp.stack([x] * replicas)  # noqa: E731
+  states = [setup.create_state() for _ in range(replicas)]
+  stacked = jax.tree_util.tree_map(stack, setup.create_state())
+  stacked_batches = [jax.tree_util.tree_map(stack, b) for b in batches]
+
+  def run_single(states):
+    for b in itertools.islice(itertools.cycle(batches), steps):
+      states = [single(s, b)[0] for s in states]
+    return states
+
+  def run_many(stacked, fn):
+    for b in itertools.islice(itertools.cycle(stacked_batches), steps):
+      stacked = fn(stacked, b)[0]
+    return stacked
+
+  states, stacked = run_single(states), run_many(stacked, many)  # compile and warm up
+  stacked = run_many(stacked, mapped)
+  jax.block_until_ready((states, stacked))
+  times = {"single": [], "vmapped": [], "mapped": []}
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    states = jax.block_until_ready(run_single(states))
+    times["single"].append(time.perf_counter() - t0)
+    for name, fn in (("vmapped", many), ("mapped", mapped)):
+      t0 = time.perf_counter()
+      stacked = jax.block_until_ready(run_many(stacked, fn))
+      times[name].append(time.perf_counter() - t0)
+  n = replicas * steps * config.train.batch_size
+  out = {k: n / statistics.median(v) for k, v in times.items()}
+  out["vmapped_over_single"] = out["vmapped"] / out["single"]
+  out["mapped_over_single"] = out["mapped"] / out["single"]
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--dataset", default="ml1m")
@@ -47,10 +111,20 @@ def main():
   p.add_argument("--seeds", default="2022,2023,2024")
   p.add_argument("--root", default="")
   p.add_argument("--out", default="runs/sweep_speed")
+  p.add_argument("--step-only", action="store_true",
+                 help="only the step-level comparison (R single steps vs one vmapped step)")
   p.add_argument("extra", nargs="*", help="extra --config.x=y overrides (after --)")
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   base = [*([f"--config.data.root={args.root}"] if args.root else []), *args.extra]
+  if args.step_only:
+    for model in args.models.split(","):
+      config = os.path.join(REPO, "configs", f"{args.dataset}_{model}.py")
+      got = step_costs(config, base, len(seeds))
+      print(f"| {model} | {got['single']:,.0f} | {got['vmapped']:,.0f} | "
+            f"{got['vmapped_over_single']:.2f} | {got['mapped']:,.0f} | "
+            f"{got['mapped_over_single']:.2f} |", flush=True)
+    return
   report = {"seeds": seeds, "load_average_start": os.getloadavg(), "models": {}}
   rows = []
   for model in args.models.split(","):

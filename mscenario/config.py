@@ -229,6 +229,8 @@ def base_config() -> ConfigDict:
   c.sweep.learning_rate = ()       # train.learning_rate per replica
   c.sweep.embed_learning_rate = ()  # train.embed_learning_rate per replica
   c.sweep.weight_decay = ()        # train.weight_decay per replica (optimizer adamw)
+  # auto | vmap | map: how the replica axis runs (auto: lax.map on CPU, vmap on accelerators).
+  c.sweep.vectorize = "auto"
 
   # ---- parallelism ----------------------------------------------------------------------
   c.mesh = ConfigDict()

@@ -61,7 +61,10 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
       if isinstance(a[k], float):
-        assert abs(a[k] - b[k]) <= 1e-6, (k, a[k], b[k])
+        # AUC and gAUC are rank statistics: a 1e-7 change can swap one near-tied pair of
+        # predictions (one pair in s0's ~700 rows moves the AUC by ~1e-6).
+        tol = 2e-5 if k.rsplit("/", 1)[-1] in ("auc", "gauc") else 1e-6
+        assert abs(a[k] - b[k]) <= tol, (k, a[k], b[k])
       else:
         assert a[k] == b[k], k
     for which in ("best", "latest"):
@@ -71,6 +74,23 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
         np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # The replicas really differ (their own split, init and batch order).
   assert swept[0]["overall"]["auc"] != swept[1]["overall"]["auc"]
+
+
+def test_vmap_and_map_agree(tmp_path):
+  """The replica axis as vmap (accelerators) and as lax.map (CPU default) trains the same
+  replicas: the latest states after 20 steps agree to rounding."""
+  seeds = ",".join(map(str, SEEDS))
+  for mode in ("vmap", "map"):
+    cfg = _config(tmp_path, f"--config.sweep.seed={seeds}", f"--config.sweep.vectorize={mode}",
+                  "--config.train.stop_after_steps=20", SMOOTH)
+    assert sweep.train(cfg, str(tmp_path / mode), log=lambda *_: None) == []
+  for seed in SEEDS:
+    a = _params(str(tmp_path / "vmap" / f"seed={seed}"), "latest")
+    b = _params(str(tmp_path / "map" / f"seed={seed}"), "latest")
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  with pytest.raises(ConfigError, match="vectorize"):
+    sweep.vectorize_mode(_config(tmp_path, "--config.sweep.vectorize=pmap"))
 
 
 def test_union_layout_round_trip():

@@ -1,10 +1,12 @@
 """Vectorised sweeps: several runs of one config that differ in their seed and/or optimizer
 settings (learning rates, weight decay), trained side
-by side as one `jax.vmap`-ed, scanned program (`--config.sweep.seed=2022,2023,2024`).
+by side as one scanned program (`--config.sweep.seed=2022,2023,2024`).
 
-Why: a multi-scenario model at batch 4096 leaves an accelerator (and a CPU core's vector
-units) mostly idle and its step is dominated by per-call work (DESIGN.md §3); R replicas in
-one program share the calls, the scan and the compilation, and their matmuls batch.
+Why: a multi-scenario model at batch 4096 leaves an accelerator mostly idle and its step is
+dominated by per-call work (DESIGN.md §3); R replicas in one program share the calls, the
+scan, the compilation and the process start-up, and (vmap) their matmuls batch. On CPU the
+replica axis runs as `lax.map` by default (`sweep.vectorize`): XLA's CPU backend runs
+batched matmuls slower than plain ones (BENCHMARKS §19).
 
 Each replica is an ordinary run: its own split (the seed draws it), vocabularies, initial
 state, PRNG, batch order, optimizer state, early stopping, checkpoints and work dir
@@ -66,6 +68,19 @@ class _TrainOverlay:
     return self._values[name] if name in self._values else self._cfg.get(name, default)
 
 
+def vectorize_mode(config) -> str:
+  """How the replica axis is computed: 'vmap' (one batched program: what fills an
+  accelerator) or 'map' (lax.map: the replicas' steps one after another inside the same
+  program). 'auto' = map on CPU, where XLA's batched matmuls ran 0.36-0.64x the examples/s
+  of plain ones while lax.map ran 0.79-0.98x (BENCHMARKS §19); vmap elsewhere."""
+  mode = config.sweep.get("vectorize", "auto")
+  if mode not in ("auto", "vmap", "map"):
+    raise ConfigError(f"sweep.vectorize={mode!r}: expected auto, vmap or map")
+  if mode == "auto":
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+  return mode
+
+
 def sweep_values(config) -> dict[str, tuple]:
   """{name: values} of the non-empty `config.sweep` entries (checked)."""
   sweep = config.get("sweep", None)
@@ -73,6 +88,8 @@ def sweep_values(config) -> dict[str, tuple]:
     return {}
   out = {}
   for name, values in sweep.items():
+    if name == "vectorize":
+      continue
     if name not in SWEEPABLE:
       raise ConfigError(f"sweep.{name}: not sweepable (sweepable: {sorted(SWEEPABLE)})")
     values = tuple(values)
@@ -243,6 +260,7 @@ def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list)
     raise ConfigError("sweep.weight_decay needs train.optimizer=adamw (the other optimizers "
                       "add weight decay as a separate stage only when it is non-zero)")
   train_cfg = setup.config.train
+  vectorize = vectorize_mode(setup.config)
 
   def one(state, columns, rows, weight, hyper):
     step_fn = (setup.step_for(_TrainOverlay(train_cfg, hyper)) if hyper else setup.step_fn)
@@ -255,6 +273,8 @@ def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list)
     hyper = {k: jnp.asarray(v) for k, v in swept.items()}
 
     def body(states, xs):
+      if vectorize == "map":
+        return jax.lax.map(lambda a: one(*a), (states, columns, *xs, hyper))
       return jax.vmap(one)(states, columns, *xs, hyper)
 
     return jax.lax.scan(body, states, (jnp.swapaxes(rows, 0, 1), jnp.swapaxes(weight, 0, 1)))
@@ -379,8 +399,8 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
   progress["stopped"] = all(fan.done)
   source = SweepBatches(union_setup, runs, int(config.train.get("steps_per_call", 32)))
   log(f"sweep: {len(runs)} replicas of {config.model.name} ({', '.join(names)}) as one "
-      f"vmapped program, {source.num_batches} steps/epoch, mesh {dict(mesh.shape)}; work "
-      f"dirs under {workdir}")
+      f"program ({vectorize_mode(config)} over replicas), {source.num_batches} steps/epoch, "
+      f"mesh {dict(mesh.shape)}; work dirs under {workdir}")
   tc = config.train
   t0 = time.perf_counter()
   try:
