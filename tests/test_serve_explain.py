@@ -44,7 +44,7 @@ def exported(tmp_path_factory):
     ex = Explainer(run.setup.model, run.setup.model.schema, run.state, run.data.arrays,
                    run.data.splits["train"])
     idx = np.asarray(run.data.splits["test"][:ROWS])
-    offline = ex.explain(run.data.arrays, idx, progress=False)
+    offline = ex.explain(run.data.arrays, idx, batch_size=ROWS, progress=False)
     from mscenario.data.sources import load_source
     table = load_source(run.config.data).take(idx)
   yield workdir, model_dir, offline, table
