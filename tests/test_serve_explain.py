@@ -71,7 +71,8 @@ def client(exported):
 def test_manifest_lists_the_explain_function(exported):
   _, model_dir, offline, _ = exported
   vdir = pred_lib.resolve_version_dir(str(model_dir))
-  manifest = json.load(open(os.path.join(vdir, "manifest.json")))
+  with open(os.path.join(vdir, "manifest.json")) as f:
+    manifest = json.load(f)
   spec = manifest["explain"]
   assert sorted(int(b) for b in spec["functions"]) == [1, 8, 64]  # <= EXPLAIN_MAX_BUCKET
   for rel in spec["functions"].values():
@@ -151,10 +152,10 @@ def test_older_export_without_the_function_answers_501(exported, tmp_path):
   vdir = pred_lib.resolve_version_dir(str(model_dir))
   old = tmp_path / "old"
   shutil.copytree(vdir, old)
-  manifest = json.load(open(old / "manifest.json"))
+  manifest = json.loads((old / "manifest.json").read_text())
   for rel in manifest.pop("explain")["functions"].values():
     os.remove(old / rel)
-  json.dump(manifest, open(old / "manifest.json", "w"))
+  (old / "manifest.json").write_text(json.dumps(manifest))
   app = server_lib.create_app(str(old), watch_interval_s=0)
   req = _requests(table, 1)[0]
   with TestClient(app) as c:

@@ -298,7 +298,7 @@ def summary_text(result: dict, out: str) -> str:
                                              for v in vals))
   for name, g in result.get("input_gates", {}).items():
     table = np.asarray(g["mean_gate"], np.float64)
-    top = [g["features"][int(np.nanargmax(row))] for row in table]
+    top = [g["features"][np.nanargmax(row)] for row in table]
     lines.append(f"{name}: most amplified feature per scenario: "
                  + ", ".join(f"{n} {f}" for n, f in zip(result["scenarios"], top)))
   for name, g in result.get("layer_gates", {}).items():

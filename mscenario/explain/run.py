@@ -12,8 +12,8 @@ from mscenario.errors import MscenarioError
 from mscenario.explain import integrated, neighbours, report
 from mscenario.explain.attribute import Explainer
 from mscenario.parallel import mesh as mesh_lib
-from mscenario.train import loop
 from mscenario.text.tables import new_item_text_vectors
+from mscenario.train import loop
 from mscenario.train.evaluate import _text_tables
 from mscenario.train.workdir import CONFIG, WorkDir
 

@@ -13,9 +13,8 @@ serialised function only (no model classes, no training code).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
