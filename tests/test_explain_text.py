@@ -1,6 +1,7 @@
 """`mscenario explain --input` on a text-fused model: items new to the model are explained with
 their own text vector (as `predict` scores them), and each cold row lists the training items
-nearest in the text space."""
+nearest in the text space; the exported version's /v1/explain function, encoding new items'
+text at request time, gives the same contributions."""
 import csv
 import json
 
@@ -11,6 +12,7 @@ from mscenario import cli
 from mscenario.config import load_config
 from mscenario.data import synthetic
 from mscenario.explain.run import explain_workdir
+from mscenario.serve import predictor as pred_lib
 from tests.helpers import SYNTHETIC, TINY
 from tests.test_text import _write_tiny_model
 
@@ -42,13 +44,14 @@ def explained(tmp_path_factory):
     w.writerow(COLS)
     w.writerows(rows)
   out = tmp / "out"
-  result = explain_workdir(workdir, input_path=str(path), out=str(out), steps=16,
-                           log=lambda *a: None)
-  return out, result, known_item
+  result = explain_workdir(workdir, input_path=str(path), out=str(out), log=lambda *a: None)
+  model_dir = str(tmp / "model")
+  assert cli.main(["export", "--workdir", workdir, "--out", model_dir, "--buckets", "1"]) == 0
+  return out, result, known_item, rows, model_dir
 
 
 def test_cold_rows_listed_with_their_nearest_training_items(explained):
-  out, result, known_item = explained
+  out, result, known_item, _, _ = explained
   cold = result["cold_items"]["items"]
   assert result["cold_items"]["rows"] == 4 == len(cold)   # new-1..new-4, not the known item
   by_line = {c["line"]: c for c in cold}
@@ -73,8 +76,24 @@ def test_cold_rows_listed_with_their_nearest_training_items(explained):
 def test_cold_items_explained_from_their_own_text(explained):
   """Same text -> same logit, different text -> different logit: the explained rows carry
   the items' encoded text (without it every new item reads the one OOV text row)."""
-  _, result, _ = explained
+  _, result, _, _, _ = explained
   logit = [c["logit"] for c in result["cold_items"]["items"]]
   assert logit[0] == pytest.approx(logit[2], abs=1e-6)
   assert abs(logit[0] - logit[1]) > 1e-6 and abs(logit[0] - logit[3]) > 1e-6
   assert np.isfinite(logit).all()
+
+
+def test_served_explanations_of_new_items_equal_explain_input(explained):
+  out, _, _, rows, model_dir = explained
+  model = pred_lib.load(model_dir)
+  feats = model.manifest["explain"]["features"]
+  with open(out / "attributions.csv") as f:
+    offline = list(csv.DictReader(f))
+  for row, want in zip(rows, offline):
+    item = {c: (v.item() if hasattr(v, "item") else v) for c, v in zip(COLS, row)
+            if c != "scenario"}
+    got = model.explain_arrays(model.encode([model.parse({"scenario": str(row[6]),
+                                                          "items": [item]})]))
+    assert got["logit"][0] == pytest.approx(float(want["logit"]), abs=2e-5)
+    np.testing.assert_allclose(got["attributions"][0], [float(want[f]) for f in feats],
+                               atol=2e-4)
