@@ -64,6 +64,8 @@ def main():
   p.add_argument("--extra", default="", help="more --config overrides for every run")
   p.add_argument("--private-extra", default="", help="--config overrides for private runs")
   p.add_argument("--user-extra", default="", help="--config overrides for user-level runs")
+  p.add_argument("--dense-rows-epsilons", default="",
+                 help="example-level targets also run with privacy.embed_noise=dense")
   p.add_argument("--schedule-baseline", action="store_true",
                  help="also train non-privately with the private runs' overrides")
   a = p.parse_args()
@@ -87,6 +89,10 @@ def main():
   for eps in example[1:]:
     runs.append((f"example, eps={eps:g}", [*private, "--config.privacy.enabled=true",
                                              f"--config.privacy.epsilon={eps}"]))
+  for eps in [float(e) for e in a.dense_rows_epsilons.split(",") if e]:
+    runs.append((f"example, eps={eps:g}, dense rows", [
+        *private, "--config.privacy.enabled=true", f"--config.privacy.epsilon={eps}",
+        "--config.privacy.embed_noise=dense"]))
   rows = []
   for name, extra in runs:
     wd = os.path.join(a.out, name.replace(", ", "_").replace("=", "").replace(" ", "-"))
