@@ -16,8 +16,8 @@ One update is all or nothing, keyed by a fingerprint of its events (and epochs/h
 nothing is saved while it trains (a kill or SIGTERM there leaves the work dir as it was; the
 rerun trains again, deterministically); the trained state is committed in one latest
 checkpoint that records the update; then (promoted only) best/, the refitted CF state
-(data.collaborative runs: cf_* of the new rows came from the state before them), updates.jsonl and last
-transform.json with the grown vocabularies, each replaced atomically. A rerun after a kill
+(data.collaborative runs; the new rows' cf_* came from the state before them), updates.jsonl
+and last transform.json with the grown vocabularies, each replaced atomically. A rerun after a kill
 between them completes without training again; a rerun of a finished update is a no-op that
 still completes a killed export (`--out`), which a running server then picks up (hot swap).
 """

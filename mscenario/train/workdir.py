@@ -29,7 +29,7 @@ VERSIONS = "versions.json"
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 UPDATES = "updates.jsonl"
-COLLABORATIVE = collaborative.STATE_FILE  # data.collaborative runs: the CF state (refreshed by update)
+COLLABORATIVE = collaborative.STATE_FILE  # data.collaborative: the CF state (update refits it)
 
 
 def write_text(path: str, text: str) -> None:
