@@ -221,8 +221,8 @@ def make_plan(config, data, model_state=None) -> Plan:
     counts = np.bincount(np.asarray(data.arrays["user"][train_rows]))
     counts = counts[counts > 0]
     n, rows_per_step_per_unit = len(counts), float(np.minimum(counts, k).mean())
-  expected = float(p.expected_batch_size) if p.expected_batch_size > 0 else \
-      max(1.0, physical - 9.0 * math.sqrt(physical))
+  expected = (float(p.expected_batch_size) if p.expected_batch_size > 0
+              else _default_expected(physical, n))
   if expected > physical:
     raise ConfigError(f"privacy.expected_batch_size={p.expected_batch_size} exceeds the "
                       f"{physical} unit slots of a batch (train.batch_size / rows per unit)")
@@ -259,6 +259,23 @@ def make_plan(config, data, model_state=None) -> Plan:
         f"overflow privacy.max_false_positives={cap}); lower privacy.expected_batch_size or "
         "raise train.batch_size / privacy.max_false_positives")
   return plan
+
+
+def _default_expected(slots: int, n: int) -> float:
+  """Expected units per step: 9 standard deviations below the batch's unit slots (overflow
+  probability ~1e-19 per step); for small batches, where that leaves under half the slots,
+  the largest mean whose binomial overflow probability is at most 1e-19."""
+  mean = slots - 9.0 * math.sqrt(slots)
+  if mean >= slots / 2:
+    return mean
+  lo, hi = 0.0, float(min(slots, n))
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    if stats.binom.sf(slots, n, min(1.0, mid / n)) <= 1e-19:
+      lo = mid
+    else:
+      hi = mid
+  return max(lo, 1.0)
 
 
 def _selection(p, sigma_1: float, table_rows: int) -> tuple[float, float, int]:
