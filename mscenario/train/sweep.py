@@ -262,10 +262,12 @@ def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list)
   train_cfg = setup.config.train
   vectorize = vectorize_mode(setup.config)
 
-  def one(state, columns, rows, weight, hyper):
+  def one(state, batch, hyper):
     step_fn = (setup.step_for(_TrainOverlay(train_cfg, hyper)) if hyper else setup.step_fn)
-    batch = {k: jnp.take(c, rows, axis=0) for k, c in columns.items()}
-    return step_fn(state, {**batch, "weight": weight})
+    return step_fn(state, batch)
+
+  def gather(columns, rows, weight):
+    return {**{k: jnp.take(c, rows, axis=0) for k, c in columns.items()}, "weight": weight}
 
   def multi(states, columns, rows, weight, start, n):
     rows = jax.lax.dynamic_slice_in_dim(rows, start, n, axis=1)
@@ -273,9 +275,12 @@ def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list)
     hyper = {k: jnp.asarray(v) for k, v in swept.items()}
 
     def body(states, xs):
+      # Every replica's batch first (a gather from its own columns), then the steps: mapping
+      # over the columns themselves would slice whole [N, ...] columns in every step.
+      batches = jax.vmap(gather)(columns, *xs)
       if vectorize == "map":
-        return jax.lax.map(lambda a: one(*a), (states, columns, *xs, hyper))
-      return jax.vmap(one)(states, columns, *xs, hyper)
+        return jax.lax.map(lambda a: one(*a), (states, batches, hyper))
+      return jax.vmap(one)(states, batches, hyper)
 
     return jax.lax.scan(body, states, (jnp.swapaxes(rows, 0, 1), jnp.swapaxes(weight, 0, 1)))
 
