@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -111,6 +112,17 @@ def test_update_refuses_without_checkpoint(tmp_path, trained, capsys):
   assert cli.main(["update", "--workdir", str(tmp_path), "--data", "x.csv"]) == 2
   assert "holds no checkpoint" in capsys.readouterr().err
   assert not (tmp_path / "ckpt").exists()
+
+
+def test_update_refuses_private_runs(tmp_path, trained, capsys):
+  """A DP run's guarantee covers Poisson-sampled, accounted steps; update takes neither."""
+  copy = tmp_path / "run"
+  shutil.copytree(trained, copy)
+  config = json.loads((copy / "config.json").read_text())
+  config["privacy"]["enabled"] = True
+  (copy / "config.json").write_text(json.dumps(config))
+  assert cli.main(["update", "--workdir", str(copy), "--data", "x.csv"]) == 2
+  assert "differentially private" in capsys.readouterr().err
 
 
 def test_update_grows_trains_and_exports(trained, tmp_path):

@@ -53,6 +53,10 @@ def load_workdir(workdir: str, overrides=()):
   if int(config.data.get("history", {}).get("length", 0) or 0) > 0:
     raise ConfigError("`mscenario update` does not support behaviour histories "
                       "(data.history.length > 0) yet")
+  if config.get("privacy", {}).get("enabled", False):
+    raise ConfigError("`mscenario update` does not support differentially private runs "
+                      "(privacy.enabled): its batches are not Poisson-sampled and its steps "
+                      "are not accounted; retrain privately instead")
   return config, transform
 
 
