@@ -298,6 +298,9 @@ def main(argv=None) -> dict:
                  help="a small world and model at two tiny sizes (CI smoke run)")
   p.add_argument("--out", default=os.path.join(REPO, "runs", "scaling"))
   p.add_argument("--quiet", action="store_true", help="no training log")
+  p.add_argument("--only-finished", action="store_true",
+                 help="report the points already trained in OUT, train none (e.g. a sweep "
+                      "whose largest size ran for one width only)")
   p.add_argument("--no-oracle", action="store_true",
                  help="skip the reference learner told all but the users' own vectors")
   p.add_argument("overrides", nargs="*", help="extra --config.x=y overrides (after --)")
@@ -313,6 +316,10 @@ def main(argv=None) -> dict:
     for n in rows:
       config = point_config(args.config, n, width, overrides)
       workdir = os.path.join(args.out, "runs", f"w{width_label(width)}_r{n}")
+      if args.only_finished and not os.path.exists(
+          os.path.join(workdir, "scaling_timing.json")):
+        print(f"scaling: rows {n:,} width x{width_label(width)}: not trained, skipped")
+        continue
       print(f"scaling: rows {n:,} width x{width_label(width)} "
             f"hidden {tuple(config.model.hidden)} -> {workdir}", flush=True)
       point = {"rows": n, "width": width, "hidden": list(config.model.hidden),
@@ -336,6 +343,8 @@ def main(argv=None) -> dict:
                else ""), flush=True)
       points.append(point)
 
+  if not points:
+    raise SystemExit(f"no finished points in {args.out}/runs")
   model = points[0]["model"]
   title = (f"{model} on the synthetic world ({os.path.basename(args.config)}"
            f"{', small' if args.small else ''}), test AUC vs rows")
