@@ -104,6 +104,68 @@ def step_costs(config_path: str, overrides: list[str], replicas: int, steps: int
   return out
 
 
+def program_costs(config_path: str, overrides: list[str], seeds: list[int], calls: int = 3,
+                  reps: int = 3) -> dict:
+  """Training examples/s of the real programs, interleaved in this process: each seed's own
+  device-resident scanned program (DeviceBatches) one after another, vs the sweep's program
+  over all seeds with the replica axis as vmap and as lax.map (SweepBatches)."""
+  import statistics
+  import tempfile
+
+  import jax
+
+  sys.path.insert(0, REPO)
+  from mscenario.config import load_config
+  from mscenario.train import fit as fit_lib
+  from mscenario.train import sweep as sweep_lib
+
+  quiet = lambda *_: None  # noqa: E731
+  tmp = tempfile.mkdtemp(prefix="sweep_speed_")
+  sweeps = {}
+  for mode in ("vmap", "map"):
+    config = load_config(config_path, [*overrides, f"--config.sweep.seed={','.join(map(str, seeds))}",
+                                       f"--config.sweep.vectorize={mode}"])
+    sweeps[mode] = sweep_lib.open_sweep(config, os.path.join(tmp, mode), log=quiet)
+  runs = sweeps["vmap"].runs
+  singles = [fit_lib.make_source(r.setup, r.train_it) for r in runs]
+  states = [r.state for r in runs]
+  for src in singles:
+    src.start_epoch(0, 0)
+  for parts in sweeps.values():
+    parts.source.start_epoch(0, 0)
+  n = singles[0].max_steps_per_call
+  batch = singles[0].global_batch_size
+
+  def run_singles():
+    for i, src in enumerate(singles):
+      src._pos = 0
+      for _ in range(calls):
+        states[i] = src.advance(states[i], n)[0]
+        src._pos = 0
+    jax.block_until_ready(states)
+
+  def run_sweep(mode):
+    parts = sweeps[mode]
+    for _ in range(calls):
+      parts.source._pos = 0
+      parts.stacked = parts.source.advance(parts.stacked, n)[0]
+    jax.block_until_ready(parts.stacked)
+
+  run_singles(), run_sweep("vmap"), run_sweep("map")  # compile
+  times = {"separate": [], "vmap": [], "map": []}
+  for _ in range(reps):
+    for name, fn in (("separate", run_singles), ("vmap", lambda: run_sweep("vmap")),
+                     ("map", lambda: run_sweep("map"))):
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  total = len(seeds) * calls * n * batch
+  out = {k: total / statistics.median(v) for k, v in times.items()}
+  out["vmap_over_separate"] = out["vmap"] / out["separate"]
+  out["map_over_separate"] = out["map"] / out["separate"]
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--dataset", default="ml1m")
@@ -113,10 +175,20 @@ def main():
   p.add_argument("--out", default="runs/sweep_speed")
   p.add_argument("--step-only", action="store_true",
                  help="only the step-level comparison (R single steps vs one vmapped step)")
+  p.add_argument("--program", action="store_true",
+                 help="only the training programs, interleaved: separate vs vmap vs map")
   p.add_argument("extra", nargs="*", help="extra --config.x=y overrides (after --)")
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   base = [*([f"--config.data.root={args.root}"] if args.root else []), *args.extra]
+  if args.program:
+    for model in args.models.split(","):
+      config = os.path.join(REPO, "configs", f"{args.dataset}_{model}.py")
+      got = program_costs(config, base, seeds)
+      print(f"| {model} | {got['separate']:,.0f} | {got['vmap']:,.0f} | "
+            f"{got['vmap_over_separate']:.2f} | {got['map']:,.0f} | "
+            f"{got['map_over_separate']:.2f} |", flush=True)
+    return
   if args.step_only:
     for model in args.models.split(","):
       config = os.path.join(REPO, "configs", f"{args.dataset}_{model}.py")

@@ -360,8 +360,21 @@ def train(config, workdir: str, *, log=print) -> list[dict]:
     return _train(config, workdir, preemption, log=log)
 
 
-def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
-  distributed.maybe_initialize(config.distributed)
+@dataclasses.dataclass
+class SweepParts:
+  """A sweep between start-up and the loop: the replicas' runs, the union program and its
+  batch source, the stacked state and the shared loop position."""
+  names: list
+  runs: list
+  setup: object             # the union layout's program (state_lib.Setup)
+  fan: "_Replicas"
+  source: SweepBatches
+  stacked: object
+  progress: dict
+
+
+def open_sweep(config, workdir: str, *, log=print) -> SweepParts:
+  """Check the config, open (or resume) every replica's run and stack their states."""
   replicas = replica_configs(config)
   if config.text.enabled:
     raise ConfigError("sweep: text features are not supported in vectorised sweeps yet; "
@@ -373,8 +386,6 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
     raise ConfigError(f"sweep: train.embed_update={config.train.embed_update!r}: vectorised "
                       "sweeps support the dense embedding update only")
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() != 0:
-    log = lambda *_: None  # noqa: E731
   mesh = mesh_lib.make_mesh(config.mesh)
   quiet = lambda *_: None  # noqa: E731
   runs = [loop.open_run(c, os.path.join(workdir, name), mesh, log=quiet)
@@ -406,11 +417,21 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
   log(f"sweep: {len(runs)} replicas of {config.model.name} ({', '.join(names)}) as one "
       f"program ({vectorize_mode(config)} over replicas), {source.num_batches} steps/epoch, "
       f"mesh {dict(mesh.shape)}; work dirs under {workdir}")
+  return SweepParts(names, runs, union_setup, fan, source, stacked, progress)
+
+
+def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
+  distributed.maybe_initialize(config.distributed)
+  if jax.process_index() != 0:
+    log = lambda *_: None  # noqa: E731
+  parts = open_sweep(config, workdir, log=log)
+  names, runs, fan, source = parts.names, parts.runs, parts.fan, parts.source
+  stacked, progress = parts.stacked, parts.progress
   tc = config.train
   t0 = time.perf_counter()
   try:
     stacked, progress = fit_lib.fit(
-        union_setup, stacked, progress, source, epochs=tc.epochs, ckpts=fan, logger=fan,
+        parts.setup, stacked, progress, source, epochs=tc.epochs, ckpts=fan, logger=fan,
         meta=fan.meta, end_of_epoch=fan.end_of_epoch, stop_after_steps=tc.stop_after_steps,
         checkpoint_every=tc.checkpoint_every_steps, log_every=tc.log_every_steps,
         preemption=preemption, desc="sweep epoch")
