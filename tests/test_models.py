@@ -425,11 +425,13 @@ def _assert_close_per_leaf(a, b, rtol=1e-5):
 @pytest.mark.parametrize("name,overrides", [
     ("sharedbottom", {}),
     ("sharedbottom", {"tower_hidden": (6, 5), "batch_norm": False}),
-    ("mmoe", {"num_experts": 3}),
+    # Slow (MSCENARIO_SLOW=1): covered in CI by the default and multi-layer cases.
+    pytest.param("mmoe", {"num_experts": 3}, marks=pytest.mark.slow),
     ("mmoe", {"expert_hidden": (8, 6), "tower_hidden": (5, 3)}),
     ("mmoe", {"batch_norm": False}),
     ("ple", {}),
-    ("ple", {"specific_experts": 2, "shared_experts": 1, "ple_layers": 2}),
+    pytest.param("ple", {"specific_experts": 2, "shared_experts": 1, "ple_layers": 2},
+                 marks=pytest.mark.slow),
     ("ple", {"specific_experts": 2, "ple_layers": 3, "expert_hidden": (8, 6),
              "batch_norm": False}),
 ])

@@ -108,6 +108,7 @@ def test_predict_file_scores_raw_rows(trained, tmp_path):
   assert abs(auc(labels, probs) - results["overall"]["auc"]) < 1e-4
 
 
+@pytest.mark.slow  # 46 s; tests/test_faults.py kills at random moments in CI
 def test_resume_after_sigkill_is_exact(tmp_path):
   """A run killed with SIGKILL and restarted ends bit-identical to an uninterrupted run."""
   args = [*TINY, "--config.data.synthetic.num_rows=60000", "--config.train.batch_size=128",

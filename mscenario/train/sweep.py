@@ -200,9 +200,10 @@ def stacked_shardings(shardings):
   return jax.tree_util.tree_map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)), shardings)
 
 
-class SweepBatches:
+class SweepBatches(fit_lib.DeviceBatches):
   """DeviceBatches for R replicas: columns [R, N, ...] and row orders [R, batches, batch]
-  on the devices; one call runs n steps of every replica (a scan of a vmapped step)."""
+  on the devices; one call runs n steps of every replica (advance and end_epoch are
+  DeviceBatches': the program below takes the stacked arrays)."""
 
   def __init__(self, union_setup, runs: list, steps_per_call: int):
     if steps_per_call < 1:
@@ -239,15 +240,6 @@ class SweepBatches:
     self._weight = jax.make_array_from_process_local_data(
         self.index_sharding, np.stack([w for _, w in pairs]))
     self._pos = start
-
-  def advance(self, states, n: int):
-    states, metrics = self._multi(states, self.columns, self._rows, self._weight,
-                                  jnp.asarray(self._pos, jnp.int32), n)
-    self._pos += n
-    return states, metrics
-
-  def end_epoch(self) -> None:
-    self._rows = self._weight = None
 
 
 def _vmapped_steps(setup, column_shardings: dict, index_sharding, configs: list):
