@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Sequence
 
-import ml_collections
 import platformdirs
 from ml_collections import ConfigDict
 

@@ -3,7 +3,6 @@ ground truth: on a synthetic world whose per-scenario feature importance is conf
 attribution ranking of a near-Bayes model recovers it (and shuffled attributions do not)."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest

@@ -103,7 +103,6 @@ def test_gap_buckets():
 
 
 # ---------------------------------------------------------------- prepared data + models
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from mscenario.config import load_config  # noqa: E402
