@@ -33,23 +33,12 @@ COLLABORATIVE = collaborative.STATE_FILE  # data.collaborative: the CF state (up
 
 
 def write_text(path: str, text: str) -> None:
-  """Atomic replace of `path` by `text` (temp file in the same dir, fsync, rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Atomic replace of `path` by `text`, UTF-8 (see write_bytes)."""
+  write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Atomic replace of `path` by `data` (as write_text)."""
+  """Atomic replace of `path` by `data` (temp file in the same dir, fsync, rename)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
   try:
