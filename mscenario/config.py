@@ -187,6 +187,15 @@ def base_config() -> ConfigDict:
   # to lean on text when the id says nothing -- what brand-new items look like at test time.
   c.train.item_id_dropout = 0.0
   c.train.warmup_steps = 0
+  # Auxiliary objective on the raw feedback (train/aux.py): a small second head on the shared
+  # input (embeddings + dense) predicts the label field's raw values (ML-1M: the 1-5 stars the
+  # `rating > 3` label throws away); loss = BCE + weight * aux. Training only: predict, export
+  # and serve score with the main head alone. 0 = off. The prepared data then keeps the raw
+  # values (a `feedback` column; its own cache key).
+  c.train.aux_rating = ConfigDict()
+  c.train.aux_rating.weight = 0.0
+  c.train.aux_rating.kind = "regression"  # regression (standardised values) | ordinal
+  c.train.aux_rating.hidden = (64,)       # the head's hidden layers (ReLU)
   c.train.drop_last = True         # fixed-shape batches; see README for the last partial batch
   c.train.patience = 2             # early stopping on validation AUC (epochs); 0 = off
   c.train.eval_every_epochs = 1
