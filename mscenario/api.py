@@ -7,12 +7,14 @@
   run.evaluate("valid")                          # metrics dict
   run.predict(frame)                             # DataFrame | dict of columns | CSV/Parquet path
   run.export("models/star")                      # a servable model version
+  e = run.explain(rows=2000)                     # attributions per row + per scenario
   params = run.state("best")                     # parameters as a numpy pytree
 
 Nothing here has logic of its own: it names the steps the commands take.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Mapping, Sequence
@@ -24,6 +26,8 @@ import pyarrow.parquet as pq
 
 from mscenario import config as config_lib
 from mscenario.errors import MscenarioError
+from mscenario.explain import run as explain_lib
+from mscenario.explain.run import Explanation
 from mscenario.export import writer as export_lib
 from mscenario.export.format import DEFAULT_BUCKETS
 from mscenario.train import evaluate as evaluate_lib
@@ -68,6 +72,27 @@ def _carry_collaborative(run: "Run") -> "Run":
   return run
 
 
+@contextlib.contextmanager
+def _rows_file(rows, what: str):
+  """A CSV/Parquet path for raw rows given as a path, a pandas DataFrame or a dict of
+  columns (the latter two written to a temporary Parquet file)."""
+  if isinstance(rows, (str, os.PathLike)):
+    yield os.fspath(rows)
+    return
+  if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+  elif isinstance(rows, Mapping):
+    table = pa.table({k: list(v) if not isinstance(v, np.ndarray) else v
+                      for k, v in rows.items()})
+  else:
+    raise TypeError(f"{what}: expected a DataFrame, a dict of columns or a path, not "
+                    f"{type(rows).__name__}")
+  with tempfile.TemporaryDirectory(prefix="mscenario-rows-") as tmp:
+    path = os.path.join(tmp, "rows.parquet")
+    pq.write_table(table, path)
+    yield path
+
+
 class Run:
   """A training run's work dir: its config, results, checkpoints and what can be done with
   them. Open an existing one with `Run.open(workdir)`."""
@@ -110,20 +135,22 @@ class Run:
     or a CSV/Parquet path. Columns are the data's raw fields (as in the training files);
     unknown ids score as OOV, new items from their text. Rows the input policy skips
     (data.on_error=skip) are left out; the default policy raises naming the row."""
-    if isinstance(rows, (str, os.PathLike)):
-      return evaluate_lib.score_file(self.config, self.path, os.fspath(rows)).probs
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
-      table = pa.Table.from_pandas(rows, preserve_index=False)
-    elif isinstance(rows, Mapping):
-      table = pa.table({k: list(v) if not isinstance(v, np.ndarray) else v
-                        for k, v in rows.items()})
-    else:
-      raise TypeError(f"rows: expected a DataFrame, a dict of columns or a path, not "
-                      f"{type(rows).__name__}")
-    with tempfile.TemporaryDirectory(prefix="mscenario-predict-") as tmp:
-      path = os.path.join(tmp, "rows.parquet")
-      pq.write_table(table, path)
+    with _rows_file(rows, "rows") as path:
       return evaluate_lib.score_file(self.config, self.path, path).probs
+
+  def explain(self, split: str = "test", rows: int = 2000, input=None, out: str | None = None,
+              *, steps: int | None = None, batch_size: int = 256,
+              log=print) -> Explanation:
+    """What `mscenario explain` computes: integrated-gradients attributions of the logit per
+    row and feature (`.attributions`, `.columns()`), their mean |attribution| per scenario
+    (`.table`), model internals (`.summary`, explain.json's content). Explains a seeded
+    sample of `rows` rows (0 = all) of `split`, or of `input` (raw rows as `predict` takes
+    them). explain.json, attributions.csv and the PNGs go to `out` (default: the work
+    dir)."""
+    rows_file = contextlib.nullcontext() if input is None else _rows_file(input, "input")
+    with rows_file as path:
+      return explain_lib.explain(self.path, split, rows, path, out, steps, batch_size,
+                                 config=self.config, log=log)
 
   def export(self, out_dir: str, *, buckets: Sequence[int] | None = None,
              checkpoint: str = "best", keep: int = 5, log=print) -> str:
@@ -143,4 +170,4 @@ class Run:
     return f"Run({self.path!r}, model={self.config.model.name!r}{shown})"
 
 
-__all__ = ["load_config", "train", "Run"]
+__all__ = ["load_config", "train", "Run", "Explanation"]

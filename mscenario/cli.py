@@ -109,9 +109,9 @@ def cmd_serve(args, overrides):
 
 
 def cmd_explain(args, overrides):
-  from mscenario.explain.run import explain_workdir
-  explain_workdir(args.workdir, args.split, args.rows, args.input, args.out, args.steps,
-                  overrides=overrides)
+  from mscenario.api import Run
+  Run.open(args.workdir, overrides).explain(args.split, args.rows, args.input, args.out,
+                                            steps=args.steps)
 
 
 def cmd_data_info(args, overrides):

@@ -100,3 +100,39 @@ def test_import_is_light_and_versioned():
                         capture_output=True, text=True)
   version, jax_loaded = done.stdout.split()
   assert version[0].isdigit() and jax_loaded == "False"
+
+
+def test_explain_from_a_split_from_columns_and_from_the_cli(run, tmp_path):
+  """Run.explain returns what `mscenario explain` writes: per-row attributions that sum to
+  logit - baseline logit, and their per-scenario mean |attribution| table."""
+  e = run.explain(rows=200, out=str(tmp_path / "split"), log=lambda *_: None)
+  assert e.attributions.shape == (200, len(e.features)) and len(e.scenarios) == 3
+  gap = e.logit - e.baseline_logit
+  assert np.abs(gap).mean() > 0.1  # the sum has something to match
+  np.testing.assert_allclose(e.attributions.sum(axis=1), gap, atol=0.02, rtol=0.02)
+  for i, s in enumerate(e.scenarios):
+    np.testing.assert_allclose(e.table[i], np.abs(e.attributions[e.scenario == s]).mean(0),
+                               rtol=1e-6)
+  assert e.summary["completeness"]["fraction_within"] == 1.0
+  assert (tmp_path / "split" / "explain.json").stat().st_size > 0
+
+  cols = _test_rows(run.config)
+  mine = run.explain(input=cols, rows=0, steps=32, out=str(tmp_path / "cols"),
+                     log=lambda *_: None)
+  np.testing.assert_array_equal(mine.lines, np.arange(1, 301))  # rows of the columns
+  probs = run.predict(cols)
+  np.testing.assert_allclose(1 / (1 + np.exp(-mine.logit)), probs, rtol=1e-5, atol=1e-6)
+  path = tmp_path / "rows.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(COLUMNS)
+    w.writerows(zip(*(cols[c] for c in COLUMNS)))
+  from mscenario import cli
+  assert cli.main(["explain", "--workdir", run.path, "--input", str(path), "--rows", "0",
+                   "--steps", "32", "--out", str(tmp_path / "cli")]) == 0
+  with open(tmp_path / "cli" / "attributions.csv") as f:
+    rows = list(csv.DictReader(f))
+  from_cli = np.array([[float(r[k]) for k in mine.features] for r in rows])
+  np.testing.assert_allclose(from_cli, mine.attributions, atol=2e-6)  # CSV: 6 decimals
+  assert [r["scenario"] for r in rows] == list(mine.scenario)
+  assert [int(r["line"]) for r in rows] == list(mine.lines + 1)  # the CSV's header line

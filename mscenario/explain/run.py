@@ -27,12 +27,12 @@ class Run:
   text_tables: dict | None = None
 
 
-def load_run(workdir: str, overrides=(), log=print) -> Run:
-  """Config, prepared data, built setup and best state of a work dir (evaluate_workdir's
-  pattern)."""
+def load_run(workdir: str, overrides=(), log=print, config=None) -> Run:
+  """Config (the work dir's, or `config` as given), prepared data, built setup and best
+  state of a work dir (evaluate_workdir's pattern)."""
   wd = WorkDir(workdir)
   wd.require(CONFIG)
-  config = wd.read_config(overrides)
+  config = wd.read_config(overrides) if config is None else config
   data = loop.load_data(config, log=log)
   tables = _text_tables(config, workdir, data)
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh), tables)
@@ -70,17 +70,53 @@ def _input_rows(run: Run, workdir: str, input_path: str):
   return arrays, np.asarray(table.row_line)[keep]
 
 
-def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
-                    input_path: str | None = None, out: str | None = None,
-                    steps: int | None = None, batch_size: int = 256, overrides=(),
-                    log=print) -> dict:
-  """Explain a work dir's best model; writes explain.json, attributions.csv and PNGs into
-  `out` (default: the work dir) and returns explain.json's content."""
+@dataclasses.dataclass
+class Explanation:
+  """What `mscenario explain` computes for one run, in memory (the API's `Run.explain`):
+  `summary` is explain.json's content; `attributions` [rows, features] are the per-row
+  attributions of attributions.csv, with `lines`, `scenario`, `logit`, `baseline_logit`
+  beside them; `table` [scenarios, features] is the mean |attribution| per scenario."""
+  summary: dict
+  features: list
+  scenarios: list
+  lines: np.ndarray           # [N] input line (split: prepared row index + 1)
+  scenario: np.ndarray        # [N] scenario name of each row
+  logit: np.ndarray           # [N]
+  baseline_logit: np.ndarray  # [N]
+  attributions: np.ndarray    # [N, F]
+  out: str                    # where the files were written
+
+  @property
+  def residual(self) -> np.ndarray:
+    """Completeness residual per row: sum of attributions - (logit - baseline logit)."""
+    return self.attributions.sum(axis=1) - (self.logit - self.baseline_logit)
+
+  @property
+  def table(self) -> np.ndarray:
+    """[S, F] mean |attribution| per scenario (rows `scenarios`, columns `features`; NaN
+    for a scenario without explained rows)."""
+    t = self.summary["mean_abs_attribution"]
+    return np.asarray([[np.nan if t[s][f] is None else t[s][f] for f in self.features]
+                       for s in self.scenarios], np.float64)
+
+  def columns(self) -> dict:
+    """attributions.csv's columns as a dict of arrays (`pandas.DataFrame(e.columns())`)."""
+    return {"line": self.lines, "scenario": self.scenario, "logit": self.logit,
+            "baseline_logit": self.baseline_logit, "residual": self.residual,
+            **{f: self.attributions[:, i] for i, f in enumerate(self.features)}}
+
+
+def explain(workdir: str, split: str = "test", rows: int = 2000,
+            input_path: str | None = None, out: str | None = None,
+            steps: int | None = None, batch_size: int = 256, overrides=(), config=None,
+            log=print) -> Explanation:
+  """Explain a work dir's best model (with its own config, or `config`); writes
+  explain.json, attributions.csv and PNGs into `out` (default: the work dir)."""
   if steps is None:
     steps = integrated.DEFAULT_STEPS
   if steps < 1 or batch_size < 1:
     raise MscenarioError(f"--steps {steps} / batch size {batch_size}: need at least 1")
-  run = load_run(workdir, overrides, log=log)
+  run = load_run(workdir, overrides, log=log, config=config)
   data = run.data
   if input_path:
     arrays, lines = _input_rows(run, workdir, input_path)
@@ -112,4 +148,16 @@ def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
   result = report.write(out, run, explainer, attributions, arrays, lines, source,
                         batch_size=min(batch_size, len(idx)), cold_items=cold)
   log(report.summary_text(result, out))
-  return result
+  names = np.asarray(run.setup.model.schema.scenario_names)
+  return Explanation(result, list(result["features"]), list(result["scenarios"]),
+                     np.asarray(lines), names[attributions.scenario], attributions.logit,
+                     attributions.base_logit, attributions.attr, out)
+
+
+def explain_workdir(workdir: str, split: str = "test", rows: int = 2000,
+                    input_path: str | None = None, out: str | None = None,
+                    steps: int | None = None, batch_size: int = 256, overrides=(),
+                    log=print) -> dict:
+  """`explain` of a work dir with its own config; explain.json's content."""
+  return explain(workdir, split, rows, input_path, out, steps, batch_size, overrides,
+                 log=log).summary
