@@ -193,7 +193,9 @@ def test_predict_metadata_health_and_bad_input(model_copy, reference):
   app = server_lib.create_app(str(model_copy), limits=limits, watch_interval_s=0)
   reqs = _requests(reference["table"], 20)
   with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
-    assert c.get("/healthz").json() == {"status": "ok", "version": "v0001"}
+    health = c.get("/healthz").json()
+    assert (health["status"], health["version"]) == ("ok", "v0001")
+    assert set(health["queues"]) == {"predict", "explain"}
     meta = c.get("/v1/metadata").json()
     assert meta["model"] == "star" and meta["version"] == "v0001"
     assert meta["scenarios"] == ["s0", "s1", "s2"]

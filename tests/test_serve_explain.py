@@ -8,9 +8,12 @@ function answers 501; the endpoint shares /v1/predict's limits, 422s and auth.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -163,3 +166,45 @@ def test_older_export_without_the_function_answers_501(exported, tmp_path):
     assert r.status_code == 501
     assert "exported without an explanation function" in r.json()["detail"]
     assert c.post("/v1/predict", json=req).status_code == 200
+
+
+def test_healthz_reports_the_explanation_queue(exported, monkeypatch):
+  """/healthz shows what the explanation worker runs and what waits behind it, apart from the
+  scoring queue; a stuck explanation shows there with its reason while scoring stays 200."""
+  _, model_dir, _, table = exported
+  limits = server_lib.Limits(request_timeout_s=1.0)
+  app = server_lib.create_app(str(model_dir), watch_interval_s=0, limits=limits)
+  model = app.state.predictor.current
+  release = threading.Event()
+  real = model.explain_arrays
+  monkeypatch.setattr(model, "explain_arrays", lambda a: (release.wait(30), real(a))[1])
+  reqs = _requests(table, 2)
+  two = {"scenario": reqs[1]["scenario"], "items": reqs[1]["items"] * 2}
+
+  def until(c, check):
+    deadline = time.time() + 10
+    while not check(h := c.get("/healthz")):
+      assert time.time() < deadline, h.text
+      time.sleep(0.02)
+    return h
+
+  with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    idle = c.get("/healthz").json()
+    assert idle["queues"]["explain"]["queued_requests"] == 0
+    assert idle["queues"]["explain"]["max_queued_rows"] == limits.max_queued_rows
+    first = pool.submit(c.post, "/v1/explain", json=reqs[0])
+    until(c, lambda h: h.json()["queues"]["explain"]["in_flight_requests"] == 1)
+    second = pool.submit(c.post, "/v1/explain", json=two)
+    h = until(c, lambda h: h.json()["queues"]["explain"]["queued_requests"] == 1).json()
+    ex, pr = h["queues"]["explain"], h["queues"]["predict"]
+    assert (ex["in_flight_rows"], ex["queued_rows"], ex["status"]) == (1, 2, "ok"), ex
+    assert pr["queued_requests"] == pr["in_flight_requests"] == 0 and pr["status"] == "ok"
+    assert c.post("/v1/predict", json=reqs[0]).status_code == 200  # scoring is not held up
+    h = until(c, lambda h: h.json()["queues"]["explain"]["status"] == "unavailable")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    assert "scoring for" in h.json()["queues"]["explain"]["reason"]
+    assert first.result().status_code == 503 and second.result().status_code == 503
+    release.set()
+    h = until(c, lambda h: h.json()["queues"]["explain"]["status"] == "ok").json()
+    assert h["queues"]["explain"]["timeouts"] == 2 and h["queues"]["predict"]["batches"] == 1
+    assert c.post("/v1/explain", json=reqs[0]).status_code == 200

@@ -128,6 +128,23 @@ class MicroBatcher:
               f"(> {self.timeout:g} s)")
     return None
 
+  def stats(self) -> dict:
+    """The queue as /healthz reports it: its health, what waits and what runs now (requests
+    and rows), its limits, and counters since start."""
+    reason = self.health()
+    busy = None if self._busy_since is None else time.perf_counter() - self._busy_since
+    out = {"status": "unavailable" if reason else "ok",
+           "queued_requests": len(self._pending), "queued_rows": self._queued_rows,
+           "in_flight_requests": len(self._inflight),
+           "in_flight_rows": sum(j.rows for j in self._inflight),
+           "busy_s": None if busy is None else round(busy, 3),
+           "max_queued_rows": self.max_queued_rows, "max_batch_rows": self.max_rows,
+           "request_timeout_s": self.timeout, "batches": self.batches, "rows": self.rows,
+           "restarts": self.restarts, "timeouts": self.timeouts}
+    if reason:
+      out["reason"] = reason
+    return out
+
   async def stop(self) -> None:
     self._stopping = True
     if self._task:
@@ -328,13 +345,16 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
 
   async def healthz(request: Request) -> JSONResponse:
     """200 only while scoring can answer: a dead or stuck scorer must take the instance out
-    of rotation, not leave it saying ok while requests wait."""
+    of rotation, not leave it saying ok while requests wait. Both queues' state is reported
+    (`queues`: predict and explain); a stuck or restarting explanation worker shows there
+    with its reason but leaves the status 200, since scoring still answers."""
     version = predictor.current.version
+    queues = {"predict": batcher.stats(), "explain": explainer.stats()}
     reason = batcher.health()
     if reason:
-      return JSONResponse({"status": "unavailable", "reason": reason, "version": version},
-                          status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ok", "version": version})
+      return JSONResponse({"status": "unavailable", "reason": reason, "version": version,
+                           "queues": queues}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok", "version": version, "queues": queues})
 
   async def metadata(request: Request) -> JSONResponse:
     if not authorised(request):
