@@ -22,6 +22,7 @@ from mscenario.errors import ConfigError
 DEVICE_KEYS = ("sparse", "multi", "dense", "scenario", "label", "item", "weight",
                "hist_item", "hist_scenario", "hist_feedback", "hist_gap", "hist_value",
                "hist_count", "hist_item_key",
+               "feedback",  # raw label values, when train.aux_rating keeps them (train/aux.py)
                # predict only: text vectors of items new to the model (text/tables.py)
                "item_text", "item_text_mask")
 

@@ -34,7 +34,7 @@ PREP_VERSION = 3  # 2: histories carry hist_value and hist_count; 3: hist_item_k
 SPLITS = ("train", "valid", "test")
 ARRAY_NAMES = ("sparse", "multi", "dense", "scenario", "label", "user", "item", "truth",
                "hist_item", "hist_scenario", "hist_feedback", "hist_gap", "hist_value",
-               "hist_count", "hist_item_key")
+               "hist_count", "hist_item_key", "feedback")
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def _file_digest(path: str) -> str:
   return h.hexdigest()
 
 
-def fingerprint(data_cfg, seed: int | None = None) -> str:
+def fingerprint(data_cfg, seed: int | None = None, feedback: bool = False) -> str:
   """Content of the source files + every data setting that changes the prepared arrays.
 
   `seed` is the resolved split seed (`data.split.seed`, or `config.seed` when that is -1): a
@@ -114,6 +114,8 @@ def fingerprint(data_cfg, seed: int | None = None) -> str:
   cfg.get("table", {}).pop("test", None)
   h = hashlib.blake2b(digest_size=16)
   key = {"version": PREP_VERSION, "config": cfg}
+  if feedback:  # the raw label column is kept (wants_feedback); off: caches stay valid
+    key["feedback"] = True
   if seed is not None and data_cfg.split.kind == "random":
     key["split_seed"] = int(seed)
   h.update(json.dumps(key, sort_keys=True, default=str).encode())
@@ -260,7 +262,8 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   """Load the prepared dataset for `config.data`, building and caching it if needed."""
   data_cfg = config.data
   seed = data_cfg.split.seed if data_cfg.split.seed >= 0 else config.seed
-  fp = fingerprint(data_cfg, seed)
+  keep_feedback = wants_feedback(config)
+  fp = fingerprint(data_cfg, seed, keep_feedback)
   cache_root = data_cfg.cache_dir or default_cache_dir()
   path = os.path.join(cache_root, "prepared", f"{data_cfg.name}-{fp}")
   if os.path.isfile(os.path.join(path, "meta.json")) and not force:
@@ -284,6 +287,8 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   history_length = int(data_cfg.get("history", {}).get("length", 0) or 0)
   if history_length > 0:
     _add_history(arrays, table, keep, transform, data_cfg, history_length)
+  if keep_feedback:
+    arrays["feedback"] = raw_feedback(table, keep, data_cfg.label.field)
   new_index = np.cumsum(keep) - 1
   splits = {s: new_index[idx[keep[idx]]] for s, idx in splits.items()}
   for s in SPLITS:
@@ -313,6 +318,32 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
   if skipped:
     log(f"data: skipped rows (data.on_error='skip'): {skipped}")
   return _load_published(path)
+
+
+def wants_feedback(config) -> bool:
+  """Does training read the raw label values (train.aux_rating on)?"""
+  aux = config.get("train", {}).get("aux_rating", None)
+  return bool(aux is not None and float(aux.get("weight", 0.0)) > 0)
+
+
+def raw_feedback(table, keep: np.ndarray, label_field: str) -> np.ndarray:
+  """The label field's raw values (e.g. 1-5 stars) of the kept rows, float32: what
+  train.aux_rating predicts. A binary or text label field has nothing finer to offer."""
+  raw = table.columns.get(label_field)
+  if raw is None or np.asarray(raw).dtype.kind not in "fiu":
+    raise ConfigError(f"train.aux_rating needs numeric raw feedback in the label field "
+                      f"data.label.field='{label_field}' (e.g. MovieLens stars); this data's "
+                      "column is " + ("missing" if raw is None else "not numeric")
+                      + ". Set --config.train.aux_rating.weight=0")
+  values = np.asarray(raw, np.float64)[keep]
+  if not np.isfinite(values).all():
+    raise DataError(f"train.aux_rating: the label field '{label_field}' has "
+                    f"{int((~np.isfinite(values)).sum())} missing or non-finite values")
+  if np.unique(values).size < 3:
+    raise ConfigError(f"train.aux_rating: the label field '{label_field}' holds only "
+                      f"{np.unique(values).tolist()}: no finer signal than the binary label. "
+                      "Set --config.train.aux_rating.weight=0")
+  return values.astype(np.float32)
 
 
 def _load_published(path: str, tries: int = 20) -> PreparedData:

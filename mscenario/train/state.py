@@ -18,6 +18,7 @@ from mscenario.models import fusion
 from mscenario.models.embedding import batch_ids
 from mscenario.models.registry import build_model
 from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import aux as aux_lib
 from mscenario.train import checkpoint as ckpt_lib
 from mscenario.train import privacy as privacy_lib
 from mscenario.train import sparse
@@ -42,6 +43,7 @@ class Setup:
   cache: dict = dataclasses.field(default_factory=dict)  # device-resident columns (fit.py)
   privacy: object = None    # privacy.Plan when config.privacy.enabled
   step_for: object = None   # train config -> pure train step (sweeps: per-replica optimizer)
+  aux: object = None        # train/aux.py AuxPlan when train.aux_rating.weight > 0
 
 
 def example_batch(data: PreparedData, size: int) -> dict:
@@ -103,17 +105,21 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
   batch = example_batch(data, 8)
+  aux = aux_lib.make_plan(config, data, model)  # None unless train.aux_rating.weight > 0
 
   def init_variables():
-    return model.init({"params": init_rng, "dropout": dropout_rng}, batch, train=False)
+    return aux_lib.with_head(
+        aux, model.init({"params": init_rng, "dropout": dropout_rng}, batch, train=False),
+        init_rng)
 
   def init_sparse_variables():
     """Sparse mode: init the model on given rows (no table param); the table is made by
     sparse.init_table, chunk by chunk."""
     ids = batch_ids(schema, batch)
     rows = jnp.zeros(ids.shape + (config.model.embed_dim,), jnp.float32)
-    return model.init({"params": init_rng, "dropout": dropout_rng},
-                      {**batch, "embedding_rows": rows}, train=False)
+    return aux_lib.with_head(aux, model.init({"params": init_rng, "dropout": dropout_rng},
+                                             {**batch, "embedding_rows": rows}, train=False),
+                             init_rng)
 
   abstract_vars = jax.eval_shape(init_variables)
   var_shardings = mesh_lib.logical_to_shardings(nn.get_partition_spec(abstract_vars), mesh)
@@ -188,13 +194,13 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
     return make_train_step(model, make_optimizer(train_cfg, abstract_params,
                                                  clip=not sparse_mode),
                            schema, embed_update, train_cfg.embed_learning_rate,
-                           train_cfg.grad_clip_norm, (id_slot, id_dropout))
+                           train_cfg.grad_clip_norm, (id_slot, id_dropout), aux)
 
   step_fn = (privacy_lib.make_private_step(model, tx, schema, embed_update,
                                            config.train.embed_learning_rate, plan,
                                            (id_slot, id_dropout)) if plan else
              make_train_step(model, tx, schema, embed_update, config.train.embed_learning_rate,
-                             config.train.grad_clip_norm, (id_slot, id_dropout)))
+                             config.train.grad_clip_norm, (id_slot, id_dropout), aux))
   train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, rep), donate_argnums=0)
   eval_fn = make_eval_step(model, schema)
@@ -208,7 +214,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
     create = _with_text_tables(create, text_values, state_shardings.model_state)
   return Setup(config, data, mesh, model, tx, state_shardings, batch_shardings, train_step,
                eval_step, abstract, create, step_fn, eval_fn, privacy=plan,
-               step_for=step_for)
+               step_for=step_for, aux=aux)
 
 
 def _with_text_tables(create, values: dict, model_state_shardings):
@@ -234,10 +240,11 @@ def embedding_table(state: TrainState) -> jax.Array:
 
 
 def all_params(state: TrainState) -> dict:
-  """Trainable parameters including the table (for comparisons and export)."""
+  """The model's trainable parameters including the table (for comparisons and export;
+  without the training-only aux head of train.aux_rating)."""
   if not state.embed:
-    return state.params
-  params = dict(state.params)
+    return aux_lib.model_params(state.params)
+  params = dict(aux_lib.model_params(state.params))
   params["embedding"] = {**params.get("embedding", {}), "table": state.embed["table"]}
   return params
 

@@ -11,6 +11,7 @@ from flax import struct
 from mscenario.data.schema import OOV_ID
 from mscenario.models.embedding import batch_ids
 from mscenario.models.fusion import route_scenarios
+from mscenario.train import aux as aux_lib
 from mscenario.train import sparse
 
 
@@ -51,7 +52,7 @@ def _apply(model, params, model_state, batch, train, rng):
   """
   batch = route_scenarios(model, batch)
   mutable = [k for k in model_state if k == "batch_stats"] if train else False
-  variables = {"params": params, **model_state}
+  variables = {"params": aux_lib.model_params(params), **model_state}
   if mutable:
     logits, new_state = model.apply(variables, batch, train=True, rngs={"dropout": rng},
                                     mutable=mutable)
@@ -60,12 +61,34 @@ def _apply(model, params, model_state, batch, train, rng):
   return model.apply(variables, batch, train=train, rngs=rngs), model_state
 
 
+def _apply_with_embeddings(model, params, model_state, batch, rng):
+  """Training forward that also returns the embedding collection's output [B, F, E] (for the
+  aux head, train/aux.py): one pass, the embeddings captured on the way."""
+  batch = route_scenarios(model, batch)
+  mutable = [k for k in model_state if k == "batch_stats"] + ["intermediates"]
+  variables = {"params": aux_lib.model_params(params), **model_state}
+  logits, new_state = model.apply(variables, batch, train=True, rngs={"dropout": rng},
+                                  mutable=mutable, capture_intermediates=aux_lib.is_embedding)
+  emb = aux_lib.captured_embeddings(new_state.pop("intermediates"))
+  return logits, {**model_state, **new_state}, emb
+
+
+def _losses(model, params, model_state, batch, rng, aux):
+  """(BCE + weight * aux loss, (model_state, {'aux_loss'})) of the aux objective."""
+  logits, new_ms, emb = _apply_with_embeddings(model, params, model_state, batch, rng)
+  main = weighted_bce(logits, batch["label"], batch["weight"])
+  aux_loss = aux_lib.loss(aux, params[aux_lib.AUX_KEY], emb, batch)
+  return main + aux.weight * aux_loss, (new_ms, {"aux_loss": aux_loss, "bce": main})
+
+
 def make_train_step(model, tx, schema=None, embed_update: str = "dense",
                     embed_lr: float = 0.0, clip_norm: float = 0.0,
-                    item_id_dropout: tuple[int, float] = (-1, 0.0)):
+                    item_id_dropout: tuple[int, float] = (-1, 0.0), aux=None):
   """Pure step (state, batch) -> (state, metrics).
 
   item_id_dropout = (sparse slot of the item id, rate): see drop_item_ids.
+  aux: a train/aux.py AuxPlan (BCE + weight * aux loss; metrics gain 'aux_loss' and 'bce'),
+  or None: the plain BCE step.
 
   Dense mode: the table is a Flax param updated by `tx` like everything else. Sparse modes
   (see train/sparse.py): the table lives in `state.embed`, the model receives the gathered
@@ -78,15 +101,18 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
       batch = drop_item_ids(batch, rng, *item_id_dropout)
 
       def loss_fn(params):
+        if aux is not None:
+          return _losses(model, params, state.model_state, batch, rng, aux)
         logits, new_ms = _apply(model, params, state.model_state, batch, True, rng)
-        return weighted_bce(logits, batch["label"], batch["weight"]), new_ms
+        return weighted_bce(logits, batch["label"], batch["weight"]), (new_ms, {})
 
-      (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (loss, (new_ms, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       new_state = state.replace(step=state.step + 1,
                                 params=optax.apply_updates(state.params, updates),
                                 opt_state=opt_state, model_state=new_ms)
-      return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+      return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}
     return train_step
 
   sparse.check_kind(embed_update)
@@ -101,10 +127,12 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
 
     def loss_fn(params, rows):
       feed = {**batch, "embedding_rows": rows[inv]}
+      if aux is not None:
+        return _losses(model, params, state.model_state, feed, rng, aux)
       logits, new_ms = _apply(model, params, state.model_state, feed, True, rng)
-      return weighted_bce(logits, batch["label"], batch["weight"]), new_ms
+      return weighted_bce(logits, batch["label"], batch["weight"]), (new_ms, {})
 
-    (loss, new_ms), (grads, row_grads) = jax.value_and_grad(
+    (loss, (new_ms, extra)), (grads, row_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, rows)
     norm = optax.tree.norm((grads, row_grads))
     if clip_norm > 0:
@@ -118,7 +146,7 @@ def make_train_step(model, tx, schema=None, embed_update: str = "dense",
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state, model_state=new_ms,
                               embed={"table": table, "opt": embed_opt})
-    return new_state, {"loss": loss, "grad_norm": norm}
+    return new_state, {"loss": loss, "grad_norm": norm, **extra}
 
   return sparse_step
 

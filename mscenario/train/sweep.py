@@ -37,8 +37,10 @@ from mscenario.data.schema import TABLE_ROW_ALIGN, FeatureSchema
 from mscenario.errors import ConfigError
 from mscenario.parallel import distributed
 from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import aux as aux_lib
 from mscenario.train import fit as fit_lib
 from mscenario.train import loop
+from mscenario.train import report as report_lib
 from mscenario.train import state as state_lib
 from mscenario.train import workdir as workdir_lib
 
@@ -386,6 +388,11 @@ def open_sweep(config, workdir: str, *, log=print) -> SweepParts:
     if not fit_lib.use_device(run.setup):
       raise ConfigError("sweep: the replicas' columns must fit on the devices "
                         "(data.on_device / data.device_budget_mb)")
+  plans = {aux_lib.plan_key(run.setup) for run in runs}
+  if len(plans) > 1:
+    raise ConfigError(f"sweep: train.aux_rating differs between the replicas' data "
+                      f"({sorted(plans, key=str)}: levels of the raw feedback); run them as "
+                      "separate runs")
   union = union_schema([run.setup.data.schema for run in runs])
   union_setup = state_lib.build(replicas[0][1], runs[0].setup.data, mesh, schema=union)
   maps = [row_map(run.setup.data.schema, union) for run in runs]
@@ -440,8 +447,11 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
       run.ckpts.close()
     raise fit_lib.Preempted("preempted (SIGTERM) after the last training step (checkpoints "
                             "saved); run the same command to write the final reports")
+  members = ensemble_probs(runs)  # before finish() closes the checkpoints
   results = [run.finish() for run in runs]
   summary = summarize(names, results)
+  if members is not None:
+    summary["ensemble"] = ensemble_report(runs[0].setup, members)
   summary["train_seconds"] = train_seconds
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, SWEEP_FILE),
@@ -451,7 +461,31 @@ def _train(config, workdir: str, preemption, *, log=print) -> list[dict]:
     log(f"\nsweep: test AUC {auc['mean']:.4f} ± {auc['std']:.4f} over {len(runs)} replicas "
         f"({', '.join(f'{n}: {a:.4f}' for n, a in zip(names, auc['values']))}); "
         f"{os.path.join(workdir, SWEEP_FILE)}")
+    if "ensemble" in summary:
+      log(f"sweep: the {len(runs)} replicas share one split; their ensemble (mean "
+          f"probability) has test AUC {summary['ensemble']['overall']['auc']:.4f}")
   return results
+
+
+def ensemble_probs(runs: list) -> list[np.ndarray] | None:
+  """Each replica's best-checkpoint test probabilities when every replica has the same
+  prepared data (one split: e.g. `data.split.seed` held while `sweep.seed` varies the init);
+  None otherwise (an ensemble over different test sets means nothing)."""
+  if len(runs) < 2 or len({run.setup.data.fingerprint for run in runs}) > 1:
+    return None
+  out = []
+  for run in runs:
+    restored = (run.ckpts.restore_best(run.setup.abstract_state)
+                or run.ckpts.restore_latest(run.setup.abstract_state))
+    out.append(report_lib.predict(run.setup, restored[0], "test"))
+  return out
+
+
+def ensemble_report(setup, members: list[np.ndarray]) -> dict:
+  """Test metrics of the replicas' ensemble: the mean of their predicted probabilities."""
+  result = report_lib.evaluate_split(setup, None, "test", np.mean(members, axis=0))
+  return {"members": len(members), "overall": result["overall"],
+          "scenarios": result["scenarios"]}
 
 
 def summarize(names: list[str], results: list[dict]) -> dict:
