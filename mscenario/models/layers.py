@@ -251,3 +251,104 @@ def pack_by_scenario(scenario: jax.Array, num_scenarios: int,
   chunk_scenario = jnp.searchsorted(start, chunk_start, side="right").astype(jnp.int32) - 1
   chunk_scenario = jnp.clip(chunk_scenario, 0, num_scenarios - 1)
   return ScenarioPacking(dest, chunk_scenario, chunk, num_chunks)
+
+
+class ScenarioMLPs(nn.Module):
+  """`n` per-scenario MLPs where each row runs through its own scenario's copy only.
+
+  The param and batch_stats tree of `StackedMLP(n, hidden, output_dim=...)` (leaves
+  [n, ...]: same names, shapes and initialisers, so the same seed draws the same values),
+  but rows are packed into scenario-pure chunks (`pack_by_scenario`) and each chunk meets
+  its scenario's weights in one batched matmul: ~(1 + n*chunk/B) times one copy's work
+  instead of n times for running every copy on every row. BatchNorm statistics of copy s
+  come from scenario s's rows (padding masked out), the rows that copy scores.
+  """
+  n: int
+  hidden: Sequence[int]
+  activation: str = "relu"
+  dropout: float = 0.0
+  dtype: str = "float32"
+  batch_norm: bool = False
+  output_dim: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, scenario: jax.Array, train: bool = False) -> jax.Array:
+    """x [B, F], scenario [B] -> [B, out] (each row its own scenario's copy)."""
+    act = get_activation(self.activation)
+    dt = get_dtype(self.dtype)
+    packing = pack_by_scenario(scenario, self.n)
+    chunk_s = packing.chunk_scenario                                       # [C]
+    h = packing.pack(x)                                                    # [C, P, F]
+    valid = packing.pack(jnp.ones((x.shape[0], 1), jnp.float32))           # [C, P, 1]
+    for i, width in enumerate(self.hidden):
+      h = _ChunkDense(self.n, width, use_bias=not self.batch_norm, dtype=dt,
+                      name=f"Dense_{i}")(h, chunk_s)
+      if self.batch_norm:
+        h = _ScenarioBatchNorm(self.n, train, dtype=dt, name=f"BatchNorm_{i}")(h, chunk_s, valid)
+      h = act(h)
+      if self.dropout > 0:
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    if self.output_dim is not None:
+      h = _ChunkDense(self.n, self.output_dim, dtype=dt,
+                      name=f"Dense_{len(self.hidden)}")(h, chunk_s)
+    return packing.unpack(h)
+
+
+class _ChunkDense(nn.Module):
+  """StackedDense's params (kernel [n, in, out], bias [n, out]) applied per chunk: chunk c
+  of x [C, P, in] meets copy chunk_s[c]'s kernel in one batched matmul."""
+  n: int
+  features: int
+  use_bias: bool = True
+  dtype: Optional[object] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, chunk_s: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+                        (self.n, x.shape[-1], self.features), jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.n, self.features), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    k = kernel[chunk_s]                                          # [C, in, out]
+    if self.features == 1:
+      y = jnp.sum(x * k[:, None, :, 0], axis=-1, keepdims=True)
+    else:
+      y = jnp.einsum("cpi,cio->cpo", x, k)
+    return y if bias is None else y + bias[chunk_s][:, None]
+
+
+class _ScenarioBatchNorm(nn.Module):
+  """BatchNorm with per-scenario statistics over packed chunks ([C, P, W], mask [C, P, 1]);
+  variables as nn.BatchNorm over a [B, n, W] input (scale/bias/mean/var [n, W]), momentum
+  0.9, epsilon 1e-5, the fast variance E[x^2] - E[x]^2 as flax computes it."""
+  n: int
+  train: bool
+  dtype: Optional[object] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, h: jax.Array, chunk_s: jax.Array, valid: jax.Array) -> jax.Array:
+    w = h.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((self.n, w), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((self.n, w), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (self.n, w), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.n, w), jnp.float32)
+    if self.train:
+      hf = h.astype(jnp.float32) * valid
+      count = jax.ops.segment_sum(valid.sum(axis=(1, 2)), chunk_s, self.n)[:, None]   # [n, 1]
+      s1 = jax.ops.segment_sum(hf.sum(axis=1), chunk_s, self.n)
+      s2 = jax.ops.segment_sum((hf * hf).sum(axis=1), chunk_s, self.n)
+      seen = count > 0
+      mean = jnp.where(seen, s1 / jnp.maximum(count, 1.0), ra_mean.value)
+      var = jnp.where(seen, jnp.maximum(s2 / jnp.maximum(count, 1.0) - mean * mean, 0.0),
+                      ra_var.value)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = jnp.where(seen, m * ra_mean.value + (1 - m) * mean, ra_mean.value)
+        ra_var.value = jnp.where(seen, m * ra_var.value + (1 - m) * var, ra_var.value)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)                      # [n, W]
+    add = bias - mean * mul
+    return (h * mul[chunk_s][:, None].astype(h.dtype) + add[chunk_s][:, None].astype(h.dtype))
