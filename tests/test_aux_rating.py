@@ -18,7 +18,7 @@ from mscenario.data import prepare as prepare_lib
 from mscenario.errors import ConfigError
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import aux as aux_lib
-from mscenario.train import loop
+from mscenario.train import checkpoint as ckpt_lib
 from mscenario.train import report as report_lib
 from mscenario.train import state as state_lib
 from mscenario.train import sweep
@@ -76,19 +76,30 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_weight_zero_is_the_plain_step(tmp_path):
+LR = "--config.train.learning_rate=0.01"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """The ratings file and the plain (aux off) program on it, shared by the tests below."""
+  path = tmp_path_factory.mktemp("world")
+  _write_ratings(path / "r.csv")
+  off, data = _setup(_config(path, LR))
+  return path, off, data
+
+
+def test_weight_zero_is_the_plain_step(world):
   """Weight 0 = a config without the key: same prepared data (same cache key), no head, and
   bit-identical parameters after a few steps."""
-  _write_ratings(tmp_path / "r.csv")
-  off = _config(tmp_path)
-  assert off.train.aux_rating.weight == 0.0
-  without = _config(tmp_path)
+  path, off, data = world
+  assert off.config.train.aux_rating.weight == 0.0
+  without = _config(path, LR)
   with without.unlocked():
     del without.train["aux_rating"]
-  (a, data_a), (b, data_b) = _setup(off), _setup(without)
-  assert data_a.path == data_b.path and "feedback" not in data_a.arrays
-  batch = _batch(data_a)
-  sa, ma = _train(a, batch, 3)
+  b, data_b = _setup(without)
+  assert data.path == data_b.path and "feedback" not in data.arrays
+  batch = _batch(data)
+  sa, ma = _train(off, batch, 3)
   sb, _ = _train(b, batch, 3)
   assert aux_lib.AUX_KEY not in sa.params and set(ma[0]) == {"loss", "grad_norm"}
   for x, y in zip(_leaves(sa.params), _leaves(sb.params)):
@@ -97,28 +108,24 @@ def test_weight_zero_is_the_plain_step(tmp_path):
 
 @pytest.mark.parametrize("kind", ["regression",
                                   pytest.param("ordinal", marks=pytest.mark.slow)])
-def test_aux_loss_changes_the_gradient_and_learns(tmp_path, kind):
-  _write_ratings(tmp_path / "r.csv")
-  off, _ = _setup(_config(tmp_path, "--config.train.learning_rate=0.01"))
-  on_cfg = _config(tmp_path, "--config.train.aux_rating.weight=0.5",
-                   "--config.train.learning_rate=0.01",
-                   f"--config.train.aux_rating.kind={kind}")
-  on, data = _setup(on_cfg)
+def test_aux_loss_changes_the_gradient_and_learns(world, kind):
+  path, off, _ = world
+  on, data = _setup(_config(path, "--config.train.aux_rating.weight=0.5", LR,
+                            f"--config.train.aux_rating.kind={kind}"))
   stars = np.asarray(data.arrays["feedback"])
   assert sorted(np.unique(stars).tolist()) == [1, 2, 3, 4, 5]
   np.testing.assert_array_equal(np.asarray(data.arrays["label"]), (stars > 3).astype(
       data.arrays["label"].dtype))
   batch = _batch(data)
-  s_off, _ = _train(off, batch, 1)
-  s_on, metrics = _train(on, batch, 30)
   # Same initial model (the head's init takes its own key), different first update.
   init_off, init_on = off.create_state(), on.create_state()
   for x, y in zip(_leaves(init_off.params), _leaves(aux_lib.model_params(init_on.params))):
     np.testing.assert_array_equal(x, y)
+  s_off, _ = _train(off, batch, 1)
+  s_on, metrics = _train(on, batch, 30)
+  first_off = np.asarray(s_off.params["embedding"]["table"])
   s_on1, _ = _train(on, batch, 1)
-  table_off = np.asarray(s_off.params["embedding"]["table"])
-  table_on = np.asarray(s_on1.params["embedding"]["table"])
-  assert np.abs(table_off - table_on).max() > 0
+  assert np.abs(first_off - np.asarray(s_on1.params["embedding"]["table"])).max() > 0
   aux_losses = [float(m["aux_loss"]) for m in metrics]
   assert aux_losses[-1] < 0.7 * aux_losses[0], aux_losses
   # Training only: the model's parameters (what export writes) leave the head out.
@@ -144,32 +151,47 @@ def test_no_raw_feedback_is_refused(tmp_path):
                    "--config.train.aux_rating.kind=bogus"))
 
 
+def test_ensemble_report_scores_the_mean_probability(world):
+  _, off, data = world
+  labels = np.asarray(data.arrays["label"][data.splits["test"]])
+  rng = np.random.default_rng(0)
+  members = [np.clip(labels * 0.3 + rng.uniform(0, 0.7, len(labels)), 0, 1) for _ in range(3)]
+  got = sweep.ensemble_report(off, members)
+  assert got["members"] == 3 and set(got["scenarios"]) == {"a", "b"}
+  np.testing.assert_allclose(got["overall"]["auc"],
+                             roc_auc_score(labels, np.mean(members, axis=0)), atol=1e-9)
+  assert got["overall"]["auc"] > max(roc_auc_score(labels, m) for m in members)
+  # Replicas on different splits (the default: the seed draws the split): no ensemble.
+  runs = [SimpleNamespace(setup=SimpleNamespace(data=SimpleNamespace(fingerprint=f)))
+          for f in ("a", "b")]
+  assert sweep.ensemble_probs(runs) is None
+
+
+@pytest.mark.slow
 def test_sweep_with_aux_on_one_split_writes_the_ensemble(tmp_path):
   """A sweep over init seeds with the split seed held: the aux objective runs in the sweep
-  program, and sweep.json holds the test AUC of the replicas' mean probability."""
+  program, and sweep.json holds the test AUC of the replicas' mean probability (slow: ~15 s
+  of CPU; the fast tests above cover the step and the report)."""
   _write_ratings(tmp_path / "r.csv")
   overrides = ["--config.train.aux_rating.weight=0.5", "--config.train.epochs=1",
                "--config.train.batch_size=256", "--config.data.split.seed=1"]
   cfg = _config(tmp_path, "--config.sweep.seed=1,2", *overrides)
   sweep.train(cfg, str(tmp_path / "sw"), log=QUIET)
   summary = json.load(open(tmp_path / "sw" / sweep.SWEEP_FILE))
+  # The replicas differ only in their seed: one program scores both best checkpoints.
+  replica = _config(tmp_path, "--config.seed=1", *overrides)
+  setup, data = _setup(replica)
+  labels = np.asarray(data.arrays["label"][data.splits["test"]])
   probs, aucs = [], []
   for seed in (1, 2):
-    replica = _config(tmp_path, f"--config.seed={seed}", *overrides)
-    run = loop.open_run(replica, str(tmp_path / "sw" / f"seed={seed}"),
-                        mesh_lib.make_mesh(replica.mesh), log=QUIET)
-    state, _ = run.ckpts.restore_best(run.setup.abstract_state)
+    ckpts = ckpt_lib.Checkpoints(str(tmp_path / "sw" / f"seed={seed}"), 2)
+    state, _ = ckpts.restore_best(setup.abstract_state)
+    ckpts.close()
     assert aux_lib.AUX_KEY in state.params  # the head trained in the sweep
-    probs.append(report_lib.predict(run.setup, state, "test"))
-    labels = np.asarray(run.setup.data.arrays["label"][run.setup.data.splits["test"]])
+    probs.append(report_lib.predict(setup, state, "test"))
     aucs.append(roc_auc_score(labels, probs[-1]))
-    run.ckpts.close()
   np.testing.assert_allclose(summary["test_auc"]["values"], aucs, atol=1e-6)
   assert aucs[0] != aucs[1]
   assert summary["ensemble"]["members"] == 2
   np.testing.assert_allclose(summary["ensemble"]["overall"]["auc"],
                              roc_auc_score(labels, np.mean(probs, axis=0)), atol=1e-6)
-  # Different splits (the default: the seed draws the split): no ensemble is written.
-  runs = [SimpleNamespace(setup=SimpleNamespace(data=SimpleNamespace(fingerprint=f)))
-          for f in ("a", "b")]
-  assert sweep.ensemble_probs(runs) is None
