@@ -2,6 +2,7 @@
 
   x  = concat(flatten(embeddings), dense)
   x' = PartitionedNorm(x, s)                         statistics and scale/bias per scenario
+                                                     (model.batch_norm=false: per example)
   h  = FCN_s(x'), layer l: W_l ⊙ W_{l,s}, b_l + b_{l,s}   shared ⊙ scenario-specific weights
   logit = h + Aux(concat(C(s), x))                   auxiliary network sees the scenario
 
@@ -34,16 +35,28 @@ class PartitionedNorm(nn.Module):
   moves another's normalised inputs. The per-scenario running averages live in
   `batch_stats` ('mean', 'var', [S, D]); a scenario absent from a batch keeps its running
   values. Eval (train=False) normalises with those running averages.
+
+  per_example=True (STAR with model.batch_norm=false, and so under differential privacy):
+  each row is normalised over its own features (LayerNorm-style: no batch statistics, no
+  `batch_stats`), then scaled and shifted by the same shared ⊙ scenario-specific scale/bias.
+  Batch statistics mix the rows of a batch, so one example would move every other example's
+  gradient and per-example clipping would bound nothing; per-example normalisation keeps
+  each row's output a function of that row alone.
   """
   num_scenarios: int
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: str = "float32"
+  per_example: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, scenario: jax.Array, train: bool = False) -> jax.Array:
     s, d = self.num_scenarios, x.shape[-1]
     x = x.astype(jnp.float32)
+    if self.per_example:
+      centered = x - x.mean(axis=-1, keepdims=True)
+      var = (centered * centered).mean(axis=-1, keepdims=True)
+      return self._scale(centered * jax.lax.rsqrt(var + self.epsilon), scenario, s, d)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((s, d), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((s, d), jnp.float32))
     if train:
@@ -62,6 +75,10 @@ class PartitionedNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
       centered = x - jnp.take(mean, scenario, axis=0)
     y = centered * jax.lax.rsqrt(jnp.take(var, scenario, axis=0) + self.epsilon)
+    return self._scale(y, scenario, s, d)
+
+  def _scale(self, y: jax.Array, scenario: jax.Array, s: int, d: int) -> jax.Array:
+    """y * (γ ⊙ γ_s) + (β + β_s) of each row's scenario s."""
     scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
     scenario_scale = self.param("scenario_scale", nn.initializers.ones, (s, d), jnp.float32)
@@ -99,7 +116,9 @@ class Star(ScenarioModel):
   scenario_matmul='grouped' packs rows into scenario-pure chunks so each row pays for one
   scenario's FCN (~3x faster on CPU for 3 scenarios); 'dense' computes all S FCNs on every
   row and selects, which avoids the batch-wide packing (simpler under data sharding).
-  Both give the same logits (dropout masks aside).
+  Both give the same logits (dropout masks aside). model.batch_norm=false removes batch
+  statistics everywhere: the aux MLP has no BatchNorm and the partitioned normalisation
+  normalises each row over its own features (PartitionedNorm.per_example), as DP needs.
   """
   aux_hidden: Sequence[int] = (64,)
   scenario_matmul: str = "grouped"
@@ -117,7 +136,8 @@ class Star(ScenarioModel):
     x = self.inputs(batch)
     dt = self.compute_dtype
     act = get_activation(self.activation)
-    h = PartitionedNorm(s, dtype=self.dtype, name="partitioned_norm")(x, scenario, train)
+    h = PartitionedNorm(s, dtype=self.dtype, per_example=not self.batch_norm,
+                        name="partitioned_norm")(x, scenario, train)
 
     dims = (*self.hidden, 1)
     layers, in_dim = [], x.shape[-1]

@@ -189,10 +189,11 @@ def check_model(model_state, config) -> None:
     return
   where = sorted({"/".join(str(getattr(k, "key", k)) for k in path[:-1])
                   for path, _ in jax.tree_util.tree_leaves_with_path(model_state["batch_stats"])})
-  fix = ("set --config.model.batch_norm=false" if config.model.batch_norm else
-         "this model has no switch for it (STAR's partitioned normalisation is batch "
-         "normalisation per scenario): use a model without it, e.g. sharedbottom, mmoe or "
-         "ple with --config.model.batch_norm=false")
+  fix = ("set --config.model.batch_norm=false (the MLPs then have no BatchNorm, and STAR "
+         "normalises each example over its own features with the same shared x "
+         "scenario-specific scale and bias)" if config.model.batch_norm else
+         "this model keeps them even with model.batch_norm=false: use a model without them, "
+         "e.g. sharedbottom, mmoe, ple or star with --config.model.batch_norm=false")
   raise ConfigError(
       f"privacy.enabled: model {config.model.name!r} keeps batch statistics in "
       f"{', '.join(where)[:200]} (model.batch_norm={config.model.batch_norm}); batch "
