@@ -9,6 +9,7 @@
   run.export("models/star")                      # a servable model version
   e = run.explain(rows=2000)                     # attributions per row + per scenario
   params = run.state("best")                     # parameters as a numpy pytree
+  ms.update("runs/star", "new_events.csv", out="models/star")   # continue on new events
 
 Nothing here has logic of its own: it names the steps the commands take.
 """
@@ -33,6 +34,7 @@ from mscenario.export.format import DEFAULT_BUCKETS
 from mscenario.train import evaluate as evaluate_lib
 from mscenario.train import loop
 from mscenario.train import sweep as sweep_lib
+from mscenario.train import update as update_lib
 from mscenario.train import workdir as workdir_lib
 
 
@@ -62,6 +64,22 @@ def train(config, workdir: str, *, log=print) -> "Run | list[Run]":
             for name, c in sweep_lib.replica_configs(config)]
   loop.train(config, workdir, log=log)
   return _carry_collaborative(Run(workdir, config))
+
+
+def update(workdir: str, data_path: str, *, overrides=(), epochs: int = 1,
+           holdout: float = 0.0, out: str | None = None, buckets: Sequence[int] | None = None,
+           keep: int = 5, stop_requested=lambda: False, log=print) -> dict:
+  """`mscenario update`: continue the work dir's latest checkpoint on the new events in
+  `data_path` (train/update.py), then, with `out`, export the result as a new model version.
+  The export runs also after a rerun found the update already applied, so a kill during the
+  export is completed by running the same call again (export.writer.export_once)."""
+  result = update_lib.update(workdir, data_path, overrides=_override_strings(overrides),
+                             epochs=epochs, holdout=holdout, stop_requested=stop_requested,
+                             log=log)
+  if out:
+    result["export"] = export_lib.export_once(result["workdir"], out, step=result["step_to"],
+                                              buckets=buckets, keep=keep, log=log)
+  return result
 
 
 def _carry_collaborative(run: "Run") -> "Run":

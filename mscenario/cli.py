@@ -157,10 +157,46 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_encode(sub)
   _add_export_serve(sub)
-  from mscenario.train import update as update_cli
-  update_cli.add_cli(sub)
+  _add_update(sub)
   _add_explain(sub)
   return p
+
+
+def _add_update(sub) -> None:
+  u = sub.add_parser(
+      "update", help="continue a work dir's latest checkpoint on new events (vocabularies "
+                     "grow into reserved rows) and optionally export a new model version")
+  u.add_argument("--workdir", required=True)
+  u.add_argument("--data", required=True, help="CSV/Parquet of new events (the columns "
+                                               "`mscenario predict` reads, plus the label)")
+  u.add_argument("--out", help="model dir: export the updated model as a new version")
+  u.add_argument("--epochs", type=int, default=1)
+  u.add_argument("--holdout", type=float, default=0.0,
+                 help="fraction of the latest new events kept out of training, to report "
+                      "AUC before/after the update")
+  u.add_argument("--buckets", type=parse_buckets, default=None,
+                 help="export batch sizes, comma-separated (default: as `export`)")
+  u.add_argument("--keep", type=int, default=5, help="model versions to keep (0 = all)")
+  u.set_defaults(func=cmd_update)
+
+
+def cmd_update(args, overrides):
+  # Until the update takes SIGTERM over (after importing the training stack), a SIGTERM is
+  # only noted, and ends start-up the way a preemption does (exit 75): raising inside the
+  # handler could land in a native module's initialisation (importing jaxlib), which
+  # aborts the process instead of unwinding.
+  noted = []
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = (signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+              if main_thread else None)
+  try:
+    from mscenario.api import update
+    update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
+           holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep,
+           stop_requested=lambda: bool(noted))
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def _add_encode(sub) -> None:

@@ -37,7 +37,7 @@ from mscenario.text.tables import load_matching_encoder, read_text_index
 from mscenario.train import loop
 from mscenario.train.evaluate import _text_tables
 from mscenario.train.steps import make_eval_step
-from mscenario.train.workdir import COLLABORATIVE, CONFIG, TRANSFORM, WorkDir
+from mscenario.train.workdir import COLLABORATIVE, CONFIG, TRANSFORM, WorkDir, write_text
 
 
 def _dummy_arrays(schema, n: int) -> dict[str, np.ndarray]:
@@ -308,3 +308,36 @@ def export(workdir: str, out_dir: str, *, buckets=DEFAULT_BUCKETS,
       buckets=buckets, text_dir=os.path.join(workdir, "text"), keep=keep,
       item_text=item_text, encoder_dir=encoder_dir(config, workdir, item_text),
       explain=explain, log=log)
+
+
+def export_once(workdir: str, out_dir: str, *, step: int, buckets=None, keep: int = 5,
+                log=print) -> str:
+  """Export the work dir's latest checkpoint (at `step`, e.g. an update's) as a new version
+  of `out_dir`, unless an earlier attempt already did: a version exported from this work dir
+  at this step is reused, and CURRENT is pointed at it if a kill came before CURRENT moved.
+  So a rerun after a kill anywhere completes the export exactly once (`mscenario update
+  --out`)."""
+  out_dir = os.path.abspath(out_dir)
+  vdir = os.path.join(out_dir, fmt.VERSIONS_DIR)
+  names = sorted((d for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
+                  if re.fullmatch(r"v\d+", d)), key=lambda d: int(d[1:]))
+  want = {"workdir": workdir, "step": step, "checkpoint": "latest"}
+  for name in reversed(names):
+    try:
+      with open(os.path.join(vdir, name, fmt.MANIFEST), encoding="utf-8") as f:
+        if json.load(f).get("source") != want:
+          continue
+    except (OSError, ValueError):
+      continue
+    current_file = os.path.join(out_dir, fmt.CURRENT_FILE)
+    current = ""
+    if os.path.exists(current_file):
+      with open(current_file, encoding="utf-8") as f:
+        current = f.read().strip()
+    if not re.fullmatch(r"v\d+", current) or int(current[1:]) < int(name[1:]):
+      write_text(current_file, name + "\n")
+    log(f"export: {os.path.join(vdir, name)} already holds this step's export")
+    return os.path.join(vdir, name)
+  return export(workdir, out_dir, buckets=buckets or DEFAULT_BUCKETS, checkpoint="latest",
+                keep=keep, log=log)
+

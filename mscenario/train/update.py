@@ -19,30 +19,37 @@ checkpoint that records the update; then (promoted only) best/, the refitted CF 
 (data.collaborative runs; the new rows' cf_* came from the state before them), updates.jsonl
 and last transform.json with the grown vocabularies, each replaced atomically. A rerun after a kill
 between them completes without training again; a rerun of a finished update is a no-op that
-still completes a killed export (`--out`), which a running server then picks up (hot swap).
+still completes a killed export (`--out`, done by the API after the update:
+`export.writer.export_once`), which a running server then picks up (hot swap).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
-import signal
 import sys
-import threading
 import time
+from typing import Callable
 
+import jax
 import numpy as np
 
+from mscenario.data import pipeline
+from mscenario.data.prepare import PreparedData
+from mscenario.data.sources import load_source
 from mscenario.errors import ConfigError, MscenarioError
-
-# jax and the training stack are imported inside the functions: the CLI registers this
-# command on every invocation and must stay fast to start.
+from mscenario.metrics.plots import read_jsonl
+from mscenario.parallel import mesh as mesh_lib
+from mscenario.train import checkpoint as ckpt_lib
+from mscenario.train import fit as fit_lib
+from mscenario.train import loop
+from mscenario.train import workdir as workdir_lib
+from mscenario.train.evaluate import _text_tables, add_cf_columns, refresh_cf
+from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
 
 
 def load_workdir(workdir: str, overrides=()):
   """(config, transform) of a trained work dir, or a clear error why it cannot be updated."""
-  from mscenario.train.workdir import CONFIG, TRANSFORM, WorkDir
   wd = WorkDir(workdir)
   wd.require(CONFIG, TRANSFORM)
   if not wd.has_checkpoint():
@@ -62,7 +69,6 @@ def load_workdir(workdir: str, overrides=()):
 
 def read_events(config, path: str):
   """NEW_EVENTS as a RawTable: CSV/Parquet with the canonical columns (as predict reads)."""
-  from mscenario.data.sources import load_source
   # --data is relative to the current directory, never to the run's data.root.
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
@@ -89,33 +95,15 @@ def events_fingerprint(table, epochs: int, holdout: float) -> str:
 
 
 def update_table(workdir: str, table, *, config=None, transform=None,
-                 epochs: int = 1, holdout: float = 0.0, out: str | None = None,
-                 buckets=None, keep: int = 5, source: str = "", log=print,
+                 epochs: int = 1, holdout: float = 0.0, source: str = "", log=print,
                  preemption=None) -> dict:
-  """Grow vocabularies from `table`, train `epochs` over its rows from the latest checkpoint,
-  save the result as the latest checkpoint (`best/` only when promoted, see the module
-  docstring) and, with `out`, export it as a new model version. Returns the summary dict.
+  """Grow vocabularies from `table`, train `epochs` over its rows from the latest checkpoint
+  and save the result as the latest checkpoint (`best/` only when promoted, see the module
+  docstring); or complete a commit a kill interrupted; or nothing (already applied).
+  Returns the summary dict.
 
   preemption: an entered fit.Preemption; on SIGTERM the training stops at the next step
   boundary without saving and fit.Preempted is raised (the update is all or nothing)."""
-  result = _apply(workdir, table, config=config, transform=transform, epochs=epochs,
-                  holdout=holdout, source=source, log=log, preemption=preemption)
-  if out:  # also after a no-op rerun: a kill during the export is completed now
-    # One call site for every path: the exported functions carry their call stack as debug
-    # locations, and a completed export must be byte-identical to an uninterrupted one.
-    result["export"] = _export(result["workdir"], out, result["step_to"], buckets, keep, log)
-  return result
-
-
-def _apply(workdir: str, table, *, config, transform, epochs, holdout, source, log,
-           preemption) -> dict:
-  """The update without its export: train and commit, complete a commit, or nothing."""
-  from mscenario.data.prepare import PreparedData
-  from mscenario.parallel import mesh as mesh_lib
-  from mscenario.train import checkpoint as ckpt_lib
-  from mscenario.train import loop
-  from mscenario.train import workdir as workdir_lib
-  from mscenario.train.evaluate import _text_tables, add_cf_columns, refresh_cf
   wd = workdir_lib.WorkDir(workdir)
   workdir = wd.path
   if config is None or transform is None:
@@ -196,10 +184,6 @@ def _train_update(setup, state, meta, ckpts, wd, data, *, index, epochs, n_hold,
                   fingerprint, preemption, log):
   """Train the update's epochs; returns (record, meta to commit, state). Nothing is saved
   here: the caller commits the result in one checkpoint."""
-  import jax
-  from mscenario.data import pipeline
-  from mscenario.train import fit as fit_lib
-  from mscenario.train import loop
   config, mesh = setup.config, setup.mesh
   tc = config.train
   step_from = int(state.step)
@@ -275,10 +259,7 @@ def _complete(wd, transform, record: dict, t0: float, log) -> dict:
   """The checkpoint is durable: now the update log and the vocabularies its new rows belong
   to. Both are replaced atomically and rewriting them is idempotent; transform.json (which
   carries the update's fingerprint) goes last: once it is written the update is done."""
-  import jax
 
-  from mscenario.metrics.plots import read_jsonl
-  from mscenario.train import workdir as workdir_lib
   if jax.process_index() == 0:
     path = wd.file(workdir_lib.UPDATES)
     kept = [r for r in (read_jsonl(path) if os.path.exists(path) else [])
@@ -291,39 +272,6 @@ def _complete(wd, transform, record: dict, t0: float, log) -> dict:
   result = {**record, "seconds": time.time() - t0}
   _log_summary(result, log)
   return result
-
-
-def _export(workdir: str, out: str, step: int, buckets, keep: int, log) -> str:
-  """Export the latest checkpoint (the update's step) as a new version of `out`, unless an
-  earlier attempt already did: a version exported from this work dir at this step is
-  reused, and CURRENT is pointed at it if the kill came before CURRENT moved."""
-  from mscenario.export.format import DEFAULT_BUCKETS
-  from mscenario.export import writer as export_lib
-  from mscenario.export import format as pred_lib
-  from mscenario.train import workdir as workdir_lib
-  out = os.path.abspath(out)
-  vdir = os.path.join(out, pred_lib.VERSIONS_DIR)
-  names = sorted((d for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
-                  if re.fullmatch(r"v\d+", d)), key=lambda d: int(d[1:]))
-  want = {"workdir": workdir, "step": step, "checkpoint": "latest"}
-  for name in reversed(names):
-    try:
-      with open(os.path.join(vdir, name, pred_lib.MANIFEST), encoding="utf-8") as f:
-        if json.load(f).get("source") != want:
-          continue
-    except (OSError, ValueError):
-      continue
-    current_file = os.path.join(out, pred_lib.CURRENT_FILE)
-    current = ""
-    if os.path.exists(current_file):
-      with open(current_file, encoding="utf-8") as f:
-        current = f.read().strip()
-    if not re.fullmatch(r"v\d+", current) or int(current[1:]) < int(name[1:]):
-      workdir_lib.write_text(current_file, name + "\n")
-    log(f"update: {os.path.join(vdir, name)} already holds this update's export")
-    return os.path.join(vdir, name)
-  return export_lib.export(workdir, out, buckets=buckets or DEFAULT_BUCKETS,
-                           checkpoint="latest", keep=keep, log=log)
 
 
 def _log_summary(r: dict, log) -> None:
@@ -345,15 +293,16 @@ def _log_summary(r: dict, log) -> None:
         f"reserved row(s) left{oov}")
 
 
-def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
+def update(workdir: str, data_path: str, *, overrides=(),
+           stop_requested: Callable[[], bool] = lambda: False, **kwargs) -> dict:
   """`mscenario update` on a CSV/Parquet file of new events. SIGTERM (preemption) before
   training or during it stops the update with nothing saved (fit.Preempted, exit 75): at once
   during start-up, at the next step boundary in training; once the trained update is being
-  committed, the commit finishes first."""
-  from mscenario.train import fit as fit_lib
+  committed, the commit finishes first. `stop_requested`: whether the caller saw a SIGTERM
+  before this call took the signal over (the CLI notes one while it imports)."""
   with fit_lib.Preemption() as preemption:
     def stop_if_preempted():
-      if preemption.flag or _startup_sigterm:
+      if preemption.flag or stop_requested():
         raise fit_lib.Preempted("preempted (SIGTERM) while `update` was starting: nothing "
                                 "was written; run the same command to update")
     stop_if_preempted()
@@ -367,47 +316,3 @@ def update(workdir: str, data_path: str, *, overrides=(), **kwargs) -> dict:
       print(f"update {result['update']}: SIGTERM arrived while the update was being "
             "committed; it completed first", file=sys.stderr)
     return result
-
-
-_startup_sigterm: list = []  # SIGTERMs before update() took the signal over
-
-
-def _note_sigterm(signum, frame):
-  # Only noted: raising here could land inside a native module's initialisation (importing
-  # jaxlib), which aborts the process (SIGABRT) instead of unwinding (seen in the long run).
-  _startup_sigterm.append(signum)
-
-
-def cmd_update(args, overrides):
-  # Until update() installs the preemption handler (after importing the training stack), a
-  # SIGTERM is noted and ends start-up the way a preemption does (exit 75), not by the
-  # default action.
-  main_thread = threading.current_thread() is threading.main_thread()
-  _startup_sigterm.clear()
-  previous = signal.signal(signal.SIGTERM, _note_sigterm) if main_thread else None
-  try:
-    update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
-           holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep)
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
-
-
-def add_cli(subparsers) -> None:
-  """Adds `update` to the top-level `mscenario` parser."""
-  from mscenario.export.format import parse_buckets as _buckets
-  u = subparsers.add_parser(
-      "update", help="continue a work dir's latest checkpoint on new events (vocabularies "
-                     "grow into reserved rows) and optionally export a new model version")
-  u.add_argument("--workdir", required=True)
-  u.add_argument("--data", required=True, help="CSV/Parquet of new events (the columns "
-                                               "`mscenario predict` reads, plus the label)")
-  u.add_argument("--out", help="model dir: export the updated model as a new version")
-  u.add_argument("--epochs", type=int, default=1)
-  u.add_argument("--holdout", type=float, default=0.0,
-                 help="fraction of the latest new events kept out of training, to report "
-                      "AUC before/after the update")
-  u.add_argument("--buckets", type=_buckets, default=None,
-                 help="export batch sizes, comma-separated (default: as `export`)")
-  u.add_argument("--keep", type=int, default=5, help="model versions to keep (0 = all)")
-  u.set_defaults(func=cmd_update)
