@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mscenario as ms
+from mscenario import cli
 from mscenario.errors import ConfigError, MscenarioError
 from tests.helpers import REPO, SYNTHETIC, TINY
 
@@ -102,23 +103,21 @@ def test_import_is_light_and_versioned():
   assert version[0].isdigit() and jax_loaded == "False"
 
 
-def test_explain_from_a_split_from_columns_and_from_the_cli(run, tmp_path):
+def test_explain_from_columns_and_from_the_cli(run, tmp_path):
   """Run.explain returns what `mscenario explain` writes: per-row attributions that sum to
   logit - baseline logit, and their per-scenario mean |attribution| table."""
-  e = run.explain(rows=200, out=str(tmp_path / "split"), log=lambda *_: None)
-  assert e.attributions.shape == (200, len(e.features)) and len(e.scenarios) == 3
-  gap = e.logit - e.baseline_logit
-  assert np.abs(gap).mean() > 0.1  # the sum has something to match
-  np.testing.assert_allclose(e.attributions.sum(axis=1), gap, atol=0.02, rtol=0.02)
-  for i, s in enumerate(e.scenarios):
-    np.testing.assert_allclose(e.table[i], np.abs(e.attributions[e.scenario == s]).mean(0),
-                               rtol=1e-6)
-  assert e.summary["completeness"]["fraction_within"] == 1.0
-  assert (tmp_path / "split" / "explain.json").stat().st_size > 0
-
   cols = _test_rows(run.config)
   mine = run.explain(input=cols, rows=0, steps=32, out=str(tmp_path / "cols"),
                      log=lambda *_: None)
+  assert mine.attributions.shape == (300, len(mine.features)) and len(mine.scenarios) == 3
+  gap = mine.logit - mine.baseline_logit
+  assert np.abs(gap).mean() > 0.1  # the sum has something to match
+  np.testing.assert_allclose(mine.attributions.sum(axis=1), gap, atol=0.02, rtol=0.02)
+  assert mine.summary["completeness"]["fraction_within"] == 1.0
+  for i, s in enumerate(mine.scenarios):
+    np.testing.assert_allclose(mine.table[i],
+                               np.abs(mine.attributions[mine.scenario == s]).mean(0), rtol=1e-6)
+  assert (tmp_path / "cols" / "explain.json").stat().st_size > 0
   np.testing.assert_array_equal(mine.lines, np.arange(1, 301))  # rows of the columns
   probs = run.predict(cols)
   np.testing.assert_allclose(1 / (1 + np.exp(-mine.logit)), probs, rtol=1e-5, atol=1e-6)
@@ -127,7 +126,6 @@ def test_explain_from_a_split_from_columns_and_from_the_cli(run, tmp_path):
     w = csv.writer(f)
     w.writerow(COLUMNS)
     w.writerows(zip(*(cols[c] for c in COLUMNS)))
-  from mscenario import cli
   assert cli.main(["explain", "--workdir", run.path, "--input", str(path), "--rows", "0",
                    "--steps", "32", "--out", str(tmp_path / "cli")]) == 0
   with open(tmp_path / "cli" / "attributions.csv") as f:
