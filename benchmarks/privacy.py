@@ -6,9 +6,9 @@ without privacy, with the training throughput of each.
       --out runs/privacy --epsilons 8,4,2,1 --user-epsilons 8
 
 Model: the shipped MMoE config (configs/ml1m_mmoe.py) with model.batch_norm=false in every
-run, private or not (BatchNorm is refused under DP: it mixes examples). STAR cannot run
-under DP (its partitioned normalisation is per-scenario batch normalisation). Each run is an
-ordinary `mscenario train` in its own work dir (finished runs are reused).
+run, private or not (BatchNorm is refused under DP: it mixes examples); `--config
+configs/ml1m_star.py` runs STAR, whose partitioned normalisation is then per example. Each
+run is an ordinary `mscenario train` in its own work dir (finished runs are reused).
 Throughput: examples/s from metrics.jsonl, the loop's own count; for private runs the
 physical batch includes padding, so the table reports sampled (real) examples/s =
 loop rate x expected rows per step / physical batch.
