@@ -64,9 +64,9 @@ def test_scenario_mlps_equal_per_scenario_stacked_mlp(hidden, batch_norm, counts
 
   for train in (False, True):
     kwargs = {"mutable": ["batch_stats"]} if train and batch_norm else {}
-    got = jax.jit(lambda v: fast.apply(v, x, s, train=train, **kwargs))(variables)
+    got = fast.apply(variables, x, s, train=train, **kwargs)
     got, upd = (got if kwargs else (got, None))
-    want, want_stats = jax.jit(lambda v: _reference(v, x, s, train, args))(variables)
+    want, want_stats = _reference(variables, x, s, train, args)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
     if kwargs:
       jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
@@ -81,8 +81,8 @@ def test_scenario_mlps_equal_per_scenario_stacked_mlp(hidden, batch_norm, counts
     out = fast.apply(v, x, s, train=True, mutable=["batch_stats"] if batch_norm else False)
     return out[0] if batch_norm else out
 
-  g_fast = jax.jit(jax.grad(lambda p: loss(fast_fn, p)))(variables["params"])
-  g_ref = jax.jit(jax.grad(lambda p: loss(lambda v: _reference(v, x, s, True, args)[0], p)))(
+  g_fast = jax.grad(lambda p: loss(fast_fn, p))(variables["params"])
+  g_ref = jax.grad(lambda p: loss(lambda v: _reference(v, x, s, True, args)[0], p))(
       variables["params"])
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree.leaves(g_ref)):
     a, b = np.asarray(a), np.asarray(b)
@@ -107,8 +107,8 @@ def test_mmoe_own_tower_rows_same_params_and_scenario_isolation():
   s = np.asarray(batch["scenario"])
   for train in (False, True):
     kw = {"mutable": ["batch_stats"]} if train else {}
-    run = jax.jit(lambda v: own.apply(v, batch, train=train, **kw))
-    before, after = run(variables), run({**variables, "params": params})
+    before = own.apply(variables, batch, train=train, **kw)
+    after = own.apply({**variables, "params": params}, batch, train=train, **kw)
     before, after = (np.asarray(before[0]), np.asarray(after[0])) if train else (
         np.asarray(before), np.asarray(after))
     np.testing.assert_array_equal(before[s != 1], after[s != 1])
