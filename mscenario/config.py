@@ -187,6 +187,12 @@ def base_config() -> ConfigDict:
   # to lean on text when the id says nothing -- what brand-new items look like at test time.
   c.train.item_id_dropout = 0.0
   c.train.warmup_steps = 0
+  # Learning-rate schedule after the warm-up: constant | cosine (from learning_rate down to
+  # learning_rate * lr_end_fraction over lr_decay_steps; 0 = epochs x steps per epoch of the
+  # configured run, so early stopping ends it part-way and a resume follows the same curve).
+  c.train.lr_schedule = "constant"
+  c.train.lr_decay_steps = 0
+  c.train.lr_end_fraction = 0.0
   # Auxiliary objective on the raw feedback (train/aux.py): a small second head on the shared
   # input (embeddings + dense) predicts the label field's raw values (ML-1M: the 1-5 stars the
   # `rating > 3` label throws away); loss = BCE + weight * aux. Training only: predict, export

@@ -22,7 +22,7 @@ from mscenario.train import aux as aux_lib
 from mscenario.train import checkpoint as ckpt_lib
 from mscenario.train import privacy as privacy_lib
 from mscenario.train import sparse
-from mscenario.train.optim import make_optimizer
+from mscenario.train.optim import make_optimizer, total_steps
 from mscenario.train.steps import TrainState, make_eval_step, make_train_step
 
 @dataclasses.dataclass
@@ -74,6 +74,24 @@ def opt_state_shardings(opt_state, params, param_shardings, default):
     return default
 
   return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def lr_decay_steps(config, data: PreparedData) -> int:
+  """The span of a decaying train.lr_schedule: epochs x this data's training batches per
+  epoch (or train.lr_decay_steps); 0 for a constant rate."""
+  tc = config.train
+  if tc.get("lr_schedule", "constant") == "constant" or tc.get("lr_decay_steps", 0) > 0:
+    return total_steps(tc, 0)
+  if tc.embed_update != "dense":
+    raise ConfigError(f"train.lr_schedule={tc.lr_schedule!r} decays the optax optimizers "
+                      f"only; train.embed_update={tc.embed_update!r} updates the table at a "
+                      "constant rate: use train.embed_update=dense")
+  if config.privacy.enabled:
+    raise ConfigError(f"train.lr_schedule={tc.lr_schedule!r} with privacy.enabled: Poisson "
+                      "sampling sets the steps per epoch; set train.lr_decay_steps")
+  n = len(data.splits["train"])
+  per_epoch = n // tc.batch_size if tc.drop_last else -(-n // tc.batch_size)
+  return total_steps(tc, max(per_epoch, 1))
 
 
 def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
@@ -139,7 +157,8 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
   abstract_params = nn.meta.unbox(abstract_vars)["params"]
   if sparse_mode:
     abstract_params, _ = split_table(abstract_params)
-  tx = make_optimizer(config.train, abstract_params, clip=not sparse_mode)
+  decay_steps = lr_decay_steps(config, data)
+  tx = make_optimizer(config.train, abstract_params, clip=not sparse_mode, steps=decay_steps)
 
   def create_state():
     embed = {}
@@ -192,7 +211,7 @@ def build(config, data: PreparedData, mesh, text_tables: dict | None = None,
     """The train step under `train_cfg`'s optimizer settings (a sweep passes traced
     per-replica learning rates; the optimizer state's structure does not change)."""
     return make_train_step(model, make_optimizer(train_cfg, abstract_params,
-                                                 clip=not sparse_mode),
+                                                 clip=not sparse_mode, steps=decay_steps),
                            schema, embed_update, train_cfg.embed_learning_rate,
                            train_cfg.grad_clip_norm, (id_slot, id_dropout), aux)
 
