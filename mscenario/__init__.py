@@ -3,7 +3,7 @@
   import mscenario as ms
   run = ms.train(ms.load_config("configs/ml100k_star.py"), "runs/star")
 
-The API (`load_config`, `train`, `Run`, and `Explanation`, what `Run.explain` returns; see
+The API (`load_config`, `train`, `update`, `Run`, and `Explanation`, what `Run.explain` returns; see
 mscenario/api.py) is imported on first use, so `import mscenario` (and the CLI's start-up)
 stays fast and does not load JAX.
 """
@@ -16,7 +16,7 @@ try:
 except _metadata.PackageNotFoundError:  # a source checkout that was never installed
   __version__ = "0+source"
 
-_API = ("load_config", "train", "Run", "Explanation")
+_API = ("load_config", "train", "update", "Run", "Explanation")
 
 
 def __getattr__(name: str):

@@ -134,3 +134,23 @@ def test_explain_from_columns_and_from_the_cli(run, tmp_path):
   np.testing.assert_allclose(from_cli, mine.attributions, atol=2e-6)  # CSV: 6 decimals
   assert [r["scenario"] for r in rows] == list(mine.scenario)
   assert [int(r["line"]) for r in rows] == list(mine.lines + 1)  # the CSV's header line
+
+
+def test_update_then_export_once(run, tmp_path):
+  """ms.update continues the latest checkpoint on new events and exports the result; the
+  same call again finds the events applied and the version already exported."""
+  import shutil
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run.path, workdir)
+  cols = _test_rows(run.config)
+  path = tmp_path / "events.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(COLUMNS)
+    w.writerows(zip(*(cols[c] for c in COLUMNS)))
+  quiet = lambda *_: None  # noqa: E731
+  first = ms.update(workdir, str(path), out=str(tmp_path / "models"), buckets=(8,), log=quiet)
+  assert first["step_to"] > first["step_from"] and os.path.isdir(first["export"])
+  again = ms.update(workdir, str(path), out=str(tmp_path / "models"), buckets=(8,), log=quiet)
+  assert again["already_applied"] and again["export"] == first["export"]
+  assert os.listdir(tmp_path / "models" / "versions") == [os.path.basename(first["export"])]
