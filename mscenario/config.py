@@ -151,6 +151,7 @@ def base_config() -> ConfigDict:
   c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
   c.model.batch_norm = True        # BatchNorm after each MLP Linear, as the benchmark's MLP does
   c.model.embed_init_std = 1e-4    # N(0, std) embedding init (the benchmark's default)
+  c.model.interaction = "none"     # none | dot: pairwise embedding dot products join the input
   c.model.user_features = ()       # seed: user-side feature names; () = by name (user*, age …)
   c.model.item_features = ()       # seed: item-side names; () = every feature not user-side
   c.model.scenario_matmul = "grouped"  # star: grouped (rows packed per scenario) | dense (all S)

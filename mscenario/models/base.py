@@ -25,6 +25,7 @@ class ScenarioModel(nn.Module):
   dtype: str = "float32"
   batch_norm: bool = True
   embed_init_std: float = 1e-4
+  interaction: str = "none"   # none | dot: pairwise embedding dot products join `inputs`
 
   @property
   def num_scenarios(self) -> int:
@@ -35,8 +36,9 @@ class ScenarioModel(nn.Module):
     return get_dtype(self.dtype)
 
   def inputs(self, batch: dict) -> jax.Array:
-    """x = concat(flatten(embeddings), dense) [B, F*E + D] float32 (call in compact)."""
-    return model_input(self.schema, self.embed_dim, self.embed_init_std, batch)
+    """x = concat(flatten(embeddings), dense[, pairwise dots]) float32 (call in compact)."""
+    return model_input(self.schema, self.embed_dim, self.embed_init_std, batch,
+                       self.interaction)
 
   def mlp(self, hidden: Sequence[int], output_dim: Optional[int] = None,
           name: Optional[str] = None) -> MLP:

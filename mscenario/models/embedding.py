@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mscenario.data.schema import PAD_ID, FeatureSchema
+from mscenario.errors import ConfigError
 from mscenario.models.fusion import TextFusion
 from mscenario.models.sequence import SequenceEncoder
 
@@ -130,8 +131,29 @@ def embed_batch(schema: FeatureSchema, embed_dim: int, init_std: float,
   return emb, dense
 
 
+INTERACTIONS = ("none", "dot")
+
+
+def pairwise_dots(emb: jax.Array) -> jax.Array:
+  """FM-style second-order terms: <e_i, e_j> for every pair of feature slots i < j of
+  emb [B, F, E] -> [B, F*(F-1)/2], pairs in row-major (i, j) order."""
+  i, j = np.triu_indices(emb.shape[1], k=1)
+  return jnp.einsum("bpe,bpe->bp", emb[:, i], emb[:, j])
+
+
 def model_input(schema: FeatureSchema, embed_dim: int, init_std: float,
-                batch: dict) -> jax.Array:
-  """The flat model input x = concat(flatten(embeddings), dense) -> [B, F*E + D] float32."""
+                batch: dict, interaction: str = "none") -> jax.Array:
+  """The flat model input x = concat(flatten(embeddings), dense) -> [B, F*E + D] float32.
+
+  interaction='dot' appends the pairwise dot products of the feature embeddings
+  (`pairwise_dots`, e.g. user_id . item_id): a world whose logit is bilinear in user and
+  item vectors then needs no MLP to approximate a product.
+  """
+  if interaction not in INTERACTIONS:
+    raise ConfigError(f"model.interaction={interaction!r}: expected one of "
+                      f"{', '.join(INTERACTIONS)}")
   emb, dense = embed_batch(schema, embed_dim, init_std, batch)
-  return jnp.concatenate([emb.reshape(emb.shape[0], -1), dense], axis=1)
+  parts = [emb.reshape(emb.shape[0], -1), dense]
+  if interaction == "dot":
+    parts.append(pairwise_dots(emb))
+  return jnp.concatenate(parts, axis=1)
