@@ -13,7 +13,6 @@ or damaged, those requests get ModelUnavailable (HTTP 503); other requests are s
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -35,6 +34,10 @@ from mscenario.export.format import (CONFIG, CURRENT_FILE, FORMAT, FORMAT_VERSIO
                                      INPUT_KEYS, MANIFEST, TRANSFORM, VERSIONS_DIR,
                                      current_version_name, input_spec, read_manifest,
                                      resolve_version_dir)
+from mscenario.serve.request import (INT64_MAX, INT64_MIN, MAX_NORMALISED, Columns,
+                                     FieldCheck, InputLimits, Parsed, RequestError, capped,
+                                     column_values, fast_float, fast_str, json_type,
+                                     number_key, short)
 
 
 class NoExplanation(MscenarioError):
@@ -62,212 +65,6 @@ def _load_function(data: bytes):
       fn = jax.jit(exported.call)
       _FN_CACHE[key] = fn
   return fn
-
-
-# ---------------------------------------------------------------------------- request -> rows
-class RequestError(ValueError):
-  """Invalid request content; `errors` are [{'loc': [...], 'msg': ...}] (HTTP 422)."""
-
-  def __init__(self, errors: list[dict]):
-    self.errors = errors
-    super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
-
-
-@dataclasses.dataclass(frozen=True)
-class InputLimits:
-  """Caps checked while validating, before any array exists: the transform turns text columns
-  into fixed-width arrays (rows x longest string), so one long string must not get that far."""
-  max_string_chars: int = 256   # any string value (ids, categories, text-template fields)
-  max_list_len: int = 256       # values in one multi-valued field
-  max_errors: int = 50          # per-field messages in one 422 (the rest are counted)
-
-
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-# A numeric value may sit at most this many training spreads ((x - shift) / scale) away:
-# further out the float32 network overflows and answers NaN (a 1e308 once did).
-MAX_NORMALISED = 1e12
-
-
-@dataclasses.dataclass(frozen=True)
-class Columns:
-  """Which raw fields the transform reads, and as what."""
-  categorical: tuple[str, ...]
-  numeric: tuple[str, ...]
-  multi: tuple[str, ...]
-
-  @classmethod
-  def of(cls, transform: Transform) -> "Columns":
-    s = transform.state
-    schema = transform.schema
-    col = lambda name: s["features"][name].get("column", name)  # noqa: E731
-    numeric = [d["column"] for d in s["dense"].values()]
-    multi = [col(f.name) for f in schema.multi]
-    cat = [col(f.name) for f in schema.sparse] + [s["scenario"]["field"]]
-    cat += [f for f, v in ((s["user_field"], s["user_vocab"]),
-                           (s["item_field"], s["item_vocab"])) if v]
-    dedup = lambda xs: tuple(dict.fromkeys(xs))  # noqa: E731
-    numeric = dedup(numeric)
-    return cls(dedup(c for c in cat if c not in numeric and c not in multi), numeric,
-               dedup(multi))
-
-
-def _short(v, n: int = 40) -> str:
-  """repr() for an error message, cut short: a 200 kB value must not come back 200 kB."""
-  r = repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
-  return r if len(r) <= n else f"{r[:n]}... ({len(v) if isinstance(v, str) else len(r)} chars)"
-
-
-class _Check:
-  """Per-value validators sharing the request's limits and error list."""
-
-  def __init__(self, limits: InputLimits, errors: list):
-    self.limits = limits
-    self.errors = errors
-
-  def error(self, loc, msg):
-    self.errors.append({"loc": loc, "msg": msg})
-
-  def string(self, v: str, loc) -> bool:
-    if len(v) > self.limits.max_string_chars:
-      self.error(loc, f"string of {len(v)} characters; at most {self.limits.max_string_chars}")
-      return False
-    return True
-
-  def categorical(self, v, loc):
-    """JSON value -> the string the training data would have held (ints without '.0')."""
-    if v is None:
-      return None
-    if isinstance(v, str):
-      return v if self.string(v, loc) else None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-      self.error(loc, f"expected a string, a number or null, got {_json_type(v)}")
-      return None
-    if isinstance(v, int):
-      if not INT64_MIN <= v <= INT64_MAX:
-        self.error(loc, "integer out of range: expected a 64-bit integer (or a string)")
-        return None
-      return str(v)
-    if not math.isfinite(v):
-      self.error(loc, "expected a finite number")
-      return None
-    return str(int(v)) if v == int(v) else str(v)
-
-  def numeric(self, v, loc, bounds):
-    if v is None or v == "":
-      return math.nan
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-      self.error(loc, f"expected a number or null, got {_json_type(v)}")
-      return math.nan
-    if isinstance(v, str) and not self.string(v, loc):
-      return math.nan
-    if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX:
-      self.error(loc, "integer out of range: expected a 64-bit integer")
-      return math.nan
-    try:
-      x = float(v)
-    except (TypeError, ValueError, OverflowError):
-      self.error(loc, f"expected a number or null, got {_short(v)}")
-      return math.nan
-    lo, hi = bounds
-    if not lo <= x <= hi:  # also false for NaN
-      self.error(loc, f"expected a finite number in [{lo:.6g}, {hi:.6g}], got {_short(v)}")
-      return math.nan
-    return x
-
-  def multi(self, v, loc):
-    if v is None:
-      return ()
-    if not isinstance(v, list):
-      self.error(loc, f"expected a list of strings or numbers, got {_json_type(v)}")
-      return ()
-    if len(v) > self.limits.max_list_len:
-      self.error(loc, f"list of {len(v)} values; at most {self.limits.max_list_len}")
-      return ()
-    out = []
-    for j, t in enumerate(v):
-      c = self.categorical(t, [*loc, j])
-      if c is not None:
-        out.append(c)
-    return tuple(out)
-
-  def text(self, v, loc):
-    """A field only the item-text template reads: a string, number, list of those, or null."""
-    if isinstance(v, list):
-      self.multi(v, loc)
-    else:
-      self.categorical(v, loc)
-    return v
-
-
-def _json_type(v) -> str:
-  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-          type(None): "null"}.get(type(v), "a number")
-
-
-_ABSENT = object()
-
-
-def _column(name, user, items, loc, convert, missing, fast) -> list:
-  """One field over a request's items (an item's value wins over the user's)."""
-  uv = user.get(name, _ABSENT)
-  if uv is not _ABSENT and uv is not None:
-    uv = convert(uv, [*loc, "user", name])
-  if uv is _ABSENT or uv is None:
-    uv = missing
-  out = []
-  for j, item in enumerate(items):
-    v = item.get(name, _ABSENT)
-    if v is _ABSENT:
-      out.append(uv)
-    elif v is None:
-      out.append(missing)
-    else:
-      f = fast(v) if fast is not None else None
-      if f is None:
-        f = convert(v, [*loc, "items", j, name])
-        if f is None:
-          f = missing
-      out.append(f)
-  return out
-
-
-def _fast_str(max_chars: int):
-  def fast(v):
-    return v if type(v) is str and len(v) <= max_chars else None  # noqa: E721 (bool, int)
-  return fast
-
-
-def _fast_float(lo: float, hi: float):
-  def fast(v):
-    t = type(v)
-    return float(v) if (t is float or t is int) and lo <= v <= hi else None
-  return fast
-
-
-def _number_key(x: float):
-  """A numeric scenario value as the scenario lookup spells it (5.0 -> '5')."""
-  if not math.isfinite(x):
-    return None
-  return str(int(x)) if x == int(x) else str(x)
-
-
-def _capped(errors: list[dict], most: int) -> list[dict]:
-  if len(errors) <= most:
-    return errors
-  return errors[:most] + [{"loc": [], "msg": f"... and {len(errors) - most} more errors"}]
-
-
-@dataclasses.dataclass(frozen=True)
-class Parsed:
-  """One validated request: `n` items, raw values per field, resolved scenario."""
-  n: int
-  columns: dict[str, list]
-  scenario: int
-  raw_scenario: str
-  # Raw request objects, kept (by reference) so that a text-fused model can build the text
-  # of an item it does not know; formatting happens only for those rows (encode).
-  user: dict | None = None
-  items: list | None = None
 
 
 # ---------------------------------------------------------------------------- one version
@@ -394,11 +191,11 @@ class ModelVersion:
     """
     limits = limits or InputLimits()
     errors: list[dict] = []
-    check = _Check(limits, errors)
+    check = FieldCheck(limits, errors)
     loc = list(loc)
     if not isinstance(request, dict):
       raise RequestError([{"loc": loc, "msg": "expected a JSON object with scenario, user, "
-                                              f"items; got {_json_type(request)}"}])
+                                              f"items; got {json_type(request)}"}])
     scenario = request.get("scenario")
     hit = None
     if scenario is None:
@@ -409,7 +206,7 @@ class ModelVersion:
       hit = self._scenario_lookup.get(str(scenario)) if len(str(scenario)) <= 256 else None
       if hit is None:
         errors.append({"loc": [*loc, "scenario"],
-                       "msg": f"unknown scenario {_short(scenario)} (expected one of "
+                       "msg": f"unknown scenario {short(scenario)} (expected one of "
                               f"{sorted(self._scenario_lookup)})"})
     user = request.get("user", {})
     if user is None:
@@ -428,12 +225,12 @@ class ModelVersion:
       errors.append({"loc": [*loc, "items"], "msg": "expected at least one item"})
     unknown = set(request) - {"scenario", "user", "items"}
     if unknown:
-      errors.append({"loc": loc, "msg": f"unknown keys {sorted(_short(k) for k in unknown)} "
+      errors.append({"loc": loc, "msg": f"unknown keys {sorted(short(k) for k in unknown)} "
                                         "(expected scenario, user, items)"})
     known = self.fields
     for k in user:
       if k not in known:
-        errors.append({"loc": [*loc, "user", _short(k, 60)],
+        errors.append({"loc": [*loc, "user", short(k, 60)],
                        "msg": f"unknown field; this model reads {sorted(known)}"})
     for j, item in enumerate(items):
       if not isinstance(item, dict):
@@ -441,28 +238,29 @@ class ModelVersion:
                                                          "fields"})
       elif not item.keys() <= known.keys():
         for k in item.keys() - known.keys():
-          errors.append({"loc": [*loc, "items", j, _short(k, 60)],
+          errors.append({"loc": [*loc, "items", j, short(k, 60)],
                          "msg": f"unknown field; this model reads {sorted(known)}"})
       if len(errors) > limits.max_errors:
         break
     if errors:
-      raise RequestError(_capped(errors, limits.max_errors))
+      raise RequestError(capped(errors, limits.max_errors))
     c = self.columns
     cols: dict[str, list] = {}
-    fast_str = _fast_str(limits.max_string_chars)
+    as_str = fast_str(limits.max_string_chars)
     for name in c.categorical:
-      cols[name] = _column(name, user, items, loc, check.categorical, MISSING, fast_str)
+      cols[name] = column_values(name, user, items, loc, check.categorical, MISSING, as_str)
     for name in c.numeric:
       b = self._bounds[name]
-      cols[name] = _column(name, user, items, loc, lambda v, l, b=b: check.numeric(v, l, b),
-                           math.nan, _fast_float(*b))
+      cols[name] = column_values(name, user, items, loc,
+                                 lambda v, l, b=b: check.numeric(v, l, b), math.nan,
+                                 fast_float(*b))
     for name in c.multi:
-      cols[name] = _column(name, user, items, loc, check.multi, (), None)
+      cols[name] = column_values(name, user, items, loc, check.multi, (), None)
     for name, kind in self.fields.items():
       if kind == "text":
-        _column(name, user, items, loc, check.text, None, fast_str)
+        column_values(name, user, items, loc, check.text, None, as_str)
     if errors:
-      raise RequestError(_capped(errors, limits.max_errors))
+      raise RequestError(capped(errors, limits.max_errors))
     return Parsed(len(items), cols, hit[0], hit[1], user, items)
 
   def request_schema(self, limits: InputLimits | None = None,
@@ -515,7 +313,7 @@ class ModelVersion:
     if sfield in c.categorical or sfield in c.numeric:
       col = cols[sfield]
       lookup = self._scenario_lookup
-      key = (lambda v: v) if sfield in c.categorical else _number_key  # noqa: E731
+      key = (lambda v: v) if sfield in c.categorical else number_key  # noqa: E731
       rows = [i for i, v in enumerate(col.tolist()) if key(v) not in lookup]
       if rows:
         raw_s = [g.raw_scenario for g in groups for _ in range(g.n)]
