@@ -24,6 +24,10 @@ signals only (baseline mu + b_i, item count), a new item the user's only, both n
 Scale: scipy.sparse matrices throughout; similarities are computed in row chunks and cut to
 the top-K neighbours per chunk; scoring gathers from (chunk x items) blocks, so nothing of
 size users x items is ever dense.
+
+Length: the CF model (fit, score, serialise) and its out-of-fold use in preparation and
+update stay together: the leakage rule lives in how the two combine, and the service loads
+the same class.
 """
 from __future__ import annotations
 

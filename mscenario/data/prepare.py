@@ -6,6 +6,10 @@ or to the feature config builds a new one. Columns are plain `.npy` files opened
 `mmap_mode='r'`: a batch is a fancy-index gather, millions of rows/s on one core, which keeps
 the input pipeline far ahead of the train step (see BENCHMARKS.md for the array_record
 comparison).
+
+Length: the one place that orders preparation (split, fit, the optional history, CF and
+text stages, the atomic publish of the cache); each stage is a short function here and the
+heavy work lives in transform, history, collaborative and text.
 """
 from __future__ import annotations
 

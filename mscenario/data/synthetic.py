@@ -22,6 +22,9 @@ The world (built once from the seed):
 
 Rows are generated in fixed chunks of `CHUNK_ROWS`; the RNG of chunk k is derived from
 (seed, k) alone, so any row range (e.g. one host's shard) is reproducible independently.
+
+Length: the generator, its ground truth (Bayes-optimal probabilities, per-scenario feature
+importance) and its texts must come from the same draws of one seed.
 """
 from __future__ import annotations
 

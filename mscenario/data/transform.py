@@ -2,6 +2,9 @@
 
 The fitted state (vocabularies, normalisers, scenario map, label rule) is plain JSON so that a
 prediction run or an exported model can turn raw rows into ids without the original data.
+
+Length: one class whose fit, apply and grow (for update) must stay symmetric: a value
+encoded at training time is encoded the same way at predict, export and update.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ swap is a pointer swap, not a recompile).
 A text-fused version also carries its language model (text/encoder/): the text of an item new
 to the model is encoded with that copy, loaded on the first such item. If the copy is missing
 or damaged, those requests get ModelUnavailable (HTTP 503); other requests are still scored.
+
+Length: one loaded artefact (ModelVersion) parses, encodes, scores and explains; request
+validation is in request.py, batching in batcher.py.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ Hostile input: every limit is checked before anything is materialised (body byte
 string lengths, list lengths, 64-bit integers, numeric range); bad input gets a 422 naming the
 field; the batcher is supervised and a request waits at most `request_timeout_s` (503 +
 Retry-After); connection-level limits are uvicorn's own settings (`uvicorn_config`).
+
+Length: the routes share the app's state (auth, limits, the current version, both
+batchers), which create_app closes over; the OpenAPI document is built from the same limits.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ Two batch sources give the same batches in the same order (tested bit for bit):
     device gathers its own rows locally: no host round trip and no collective per step. One
     host call runs up to `train.steps_per_call` steps as a `lax.scan`.
 Where time goes at these model sizes is per-step host work (DESIGN.md §3); scanning removes it.
+
+Length: the one loop and its two batch sources, which must give the same batches in the
+same order (tested bit for bit); keeping them beside the loop keeps that contract in view.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ each replica's alignment rows follow at the end. A replica's state is initialise
 its separate run's (its own setup, its own shapes) and moved into the union layout; its
 checkpoints are moved back. Zero rows get zero gradients, and Adam and weight decay leave
 zero rows at zero, so the union layout changes no replica's arithmetic.
+
+Length: the union table layout and the per-replica fan-out (checkpoints, logs, early
+stopping) are one mechanism; neither is used without the other.
 """
 from __future__ import annotations
 

@@ -3,6 +3,10 @@ the file, the 1-based line (as an editor shows it) and the field.
 
 Files are parsed with every column as a string; numbers are cast afterwards, so that a bad
 value is found per field (with its line) instead of failing the whole parse.
+
+Length: one contract, shared by every source: delimited text -> typed columns where every
+bad value names its file, line and field. Reading, screening and casting each rely on the
+line map the others build, so they stay together.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ float64, multi-valued features tuples of str; other numeric features float64, te
 
 Provenance: one pseudo-file per split ('<dataset dir> [split 'train']'), line = record index + 1
 within that (possibly sliced) split, so later errors point at the record.
+
+Length: the fast block decoder and the slow TFDS-decoding fallback that names a bad record
+must read the same features the same way.
 """
 from __future__ import annotations
 
