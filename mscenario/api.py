@@ -142,19 +142,22 @@ class Run:
     """The records of metrics.jsonl (training loss, validation AUC per epoch, …)."""
     return self.workdir.read_metrics()
 
-  def evaluate(self, split: str = "test") -> dict:
-    """Overall and per-scenario metrics of the best checkpoint on `split`."""
+  def evaluate(self, split: str = "test", *, checkpoint: str = "best") -> dict:
+    """Overall and per-scenario metrics of the best (or latest) checkpoint on `split`."""
     if split not in ("train", "valid", "test"):
       raise MscenarioError(f"split={split!r}: expected train, valid or test")
-    return evaluate_lib.evaluate_workdir(self.config, self.path, split, report=False)
+    return evaluate_lib.evaluate_workdir(self.config, self.path, split, report=False,
+                                         checkpoint=checkpoint)
 
-  def predict(self, rows) -> np.ndarray:
+  def predict(self, rows, *, checkpoint: str = "best") -> np.ndarray:
     """Click probabilities for raw rows: a pandas DataFrame, a dict of equally long columns,
     or a CSV/Parquet path. Columns are the data's raw fields (as in the training files);
     unknown ids score as OOV, new items from their text. Rows the input policy skips
-    (data.on_error=skip) are left out; the default policy raises naming the row."""
+    (data.on_error=skip) are left out; the default policy raises naming the row.
+    checkpoint="latest" scores with the latest state, e.g. after an update that was not
+    promoted to best/ (see `update`)."""
     with _rows_file(rows, "rows") as path:
-      return evaluate_lib.score_file(self.config, self.path, path).probs
+      return evaluate_lib.score_file(self.config, self.path, path, checkpoint).probs
 
   def explain(self, split: str = "test", rows: int = 2000, input=None, out: str | None = None,
               *, steps: int | None = None, batch_size: int = 256,

@@ -71,13 +71,13 @@ def cmd_train(args, overrides):
 def cmd_eval(args, overrides):
   from mscenario.train.evaluate import evaluate_workdir
   config = _load_config(args, overrides)
-  evaluate_workdir(config, args.workdir, args.split)
+  evaluate_workdir(config, args.workdir, args.split, checkpoint=args.checkpoint)
 
 
 def cmd_predict(args, overrides):
   from mscenario.train.evaluate import predict_file
   config = _load_config(args, overrides)
-  predict_file(config, args.workdir, args.input, args.output)
+  predict_file(config, args.workdir, args.input, args.output, args.checkpoint)
 
 
 def cmd_encode(args, overrides):
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--workdir", required=True)
   e.add_argument("--config", help=argparse.SUPPRESS)
   e.add_argument("--split", default="test", choices=("train", "valid", "test"))
+  e.add_argument("--checkpoint", default="best", choices=("best", "latest"),
+                 help="latest: the latest state, e.g. after an update not promoted to best/")
   e.set_defaults(func=cmd_eval)
 
   pr = sub.add_parser("predict", help="score rows of a CSV/Parquet file")
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
   pr.add_argument("--config", help=argparse.SUPPRESS)
   pr.add_argument("--input", required=True, help="CSV or Parquet with the raw feature columns")
   pr.add_argument("--output", required=True, help="CSV to write (row, scenario, probability)")
+  pr.add_argument("--checkpoint", default="best", choices=("best", "latest"),
+                  help="latest: the latest state, e.g. after an update not promoted to best/")
   pr.set_defaults(func=cmd_predict)
 
   d = sub.add_parser("data", help="get or inspect data sets")

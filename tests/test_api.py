@@ -154,3 +154,10 @@ def test_update_then_export_once(run, tmp_path):
   again = ms.update(workdir, str(path), out=str(tmp_path / "models"), buckets=(8,), log=quiet)
   assert again["already_applied"] and again["export"] == first["export"]
   assert os.listdir(tmp_path / "models" / "versions") == [os.path.basename(first["export"])]
+  # Not promoted (no holdout): best/ is the trained model, the latest state the updated one.
+  updated = ms.Run.open(workdir)
+  best, latest = updated.predict(cols), updated.predict(cols, checkpoint="latest")
+  np.testing.assert_array_equal(best, run.predict(cols))
+  assert np.abs(latest - best).max() > 1e-4
+  assert (updated.evaluate("test", checkpoint="latest")["overall"]
+          != updated.evaluate("test")["overall"])

@@ -20,8 +20,12 @@ from mscenario.train import loop
 from mscenario.train import workdir as workdir_lib
 
 
-def _restore(setup, workdir: str):
-  return workdir_lib.WorkDir(workdir).restore(setup.abstract_state, "best",
+def _restore(setup, workdir: str, checkpoint: str = "best"):
+  """The work dir's `checkpoint`: "best" (the validated model; the latest when the run has
+  no best yet) or "latest" (e.g. after an update that was not promoted)."""
+  if checkpoint not in ("best", "latest"):
+    raise MscenarioError(f"checkpoint={checkpoint!r}: expected 'best' or 'latest'")
+  return workdir_lib.WorkDir(workdir).restore(setup.abstract_state, checkpoint,
                                               setup.config.train.keep_checkpoints)[0]
 
 
@@ -33,17 +37,18 @@ def _text_tables(config, workdir: str, data):
                            data.schema.item_vocab_size)
 
 
-def evaluate_workdir(config, workdir: str, split: str = "test", *, report: bool = True) -> dict:
-  """Metrics of the best checkpoint on `split`; with `report`, also eval_<split>.json and
-  the printed table (what `mscenario eval` does)."""
+def evaluate_workdir(config, workdir: str, split: str = "test", *, report: bool = True,
+                     checkpoint: str = "best") -> dict:
+  """Metrics of the best (or latest) checkpoint on `split`; with `report`, also
+  eval_<split>.json (eval_<split>_latest.json) and the printed table (`mscenario eval`)."""
   data = loop.load_data(config, log=print if report else (lambda *_: None))
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh),
                      _text_tables(config, workdir, data))
-  state = _restore(setup, workdir)
+  state = _restore(setup, workdir, checkpoint)
   results = loop.evaluate_split(setup, state, split)
   if report and jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, f"eval_{split}.json"), results, indent=2,
-                           sort_keys=True)
+    name = f"eval_{split}.json" if checkpoint == "best" else f"eval_{split}_{checkpoint}.json"
+    workdir_lib.write_json(os.path.join(workdir, name), results, indent=2, sort_keys=True)
     print(format_table(results))
   return results
 
@@ -57,8 +62,8 @@ class Scores:
   skipped: dict           # reason -> rows not scored (data.on_error=skip)
 
 
-def score_file(config, workdir: str, input_path: str) -> Scores:
-  """Score a CSV/Parquet file of raw rows with the work dir's best model.
+def score_file(config, workdir: str, input_path: str, checkpoint: str = "best") -> Scores:
+  """Score a CSV/Parquet file of raw rows with the work dir's best (or latest) model.
 
   The fitted transform saved in the work dir maps raw values to ids (unknown ids -> OOV), so
   neither the training data nor its cache is needed; items new to the model are scored from
@@ -86,7 +91,7 @@ def score_file(config, workdir: str, input_path: str) -> Scores:
                       transform=transform, meta={"fingerprint": "", "skipped": skipped})
   setup = loop.build(cfg, data, mesh_lib.make_mesh(cfg.mesh),
                      _text_tables(cfg, workdir, data))
-  state = _restore(setup, workdir)
+  state = _restore(setup, workdir, checkpoint)
   probs = loop.predict(setup, state, "predict")
   names = transform.schema.scenario_names
   return Scores(probs, np.asarray(table.row_line)[keep],
@@ -117,9 +122,10 @@ def refresh_cf(workdir: str, model, table, keep, labels, transform, tag: str, lo
     workdir_lib.WorkDir(workdir).write_collaborative(new)
 
 
-def predict_file(config, workdir: str, input_path: str, output_path: str) -> np.ndarray:
+def predict_file(config, workdir: str, input_path: str, output_path: str,
+                 checkpoint: str = "best") -> np.ndarray:
   """`mscenario predict`: score_file, written as CSV (line, scenario, probability)."""
-  scores = score_file(config, workdir, input_path)
+  scores = score_file(config, workdir, input_path, checkpoint)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "w", newline="") as f:
