@@ -36,7 +36,7 @@ def main():
   size = os.path.getsize(path)
   t0 = time.perf_counter()
   model = cf.CFModel.load(path)
-  model.transposed()
+  model.pair_index()
   model.user_ids(np.zeros(0, object)), model.item_ids(np.zeros(0, object))
   load_s = time.perf_counter() - t0
   rng = np.random.default_rng(0)

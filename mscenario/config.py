@@ -112,7 +112,7 @@ def base_config() -> ConfigDict:
   c.data.collaborative.shrink_user_bias = 10.0    # b_u = sum(r - mu - b_i) / (this + n_u)
   c.data.collaborative.bias_passes = 3       # alternating b_i / b_u passes
   c.data.collaborative.svd_rank = 64         # rank of the truncated SVD of the residuals
-  c.data.collaborative.chunk_rows = 1024     # rows per dense similarity / scoring block
+  c.data.collaborative.chunk_rows = 1024     # rows per dense similarity block (fitting)
   # Synthetic generator (data.source='synthetic').
   c.data.synthetic = ConfigDict()
   c.data.synthetic.num_rows = 200_000

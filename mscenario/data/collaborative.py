@@ -61,6 +61,7 @@ FEATURES = (
 STATE_FILE = "collaborative.npz"  # the all-training-rows CF model (prepared data, work dir, export)
 STATE_VERSION = 2  # 2: compact, with interactions + id keys (refit by update); 1: residual only
 _BLOCK_FLOATS = 1 << 25  # largest dense (chunk x n) block: 256 MiB of float64
+_PAIR_ENTRIES = 1 << 22  # neighbour entries gathered at once while scoring (~150 MiB)
 
 
 @dataclasses.dataclass
@@ -170,16 +171,17 @@ class CFModel:
   def item_ids(self, raw) -> np.ndarray:
     return self._ids("item", raw)
 
-  def transposed(self):
-    """(S_item^T, its 0/1 pattern, the 0/1 pattern of S_user): built once per model."""
-    if "knn" not in self._cache:
-      s_item_t = self.item_neighbors.T.tocsr()
-      ones_item_t = s_item_t.copy()
-      ones_item_t.data = np.ones_like(ones_item_t.data)
-      ones_user = self.user_neighbors.copy()
-      ones_user.data = np.ones_like(ones_user.data)
-      self._cache["knn"] = (s_item_t, ones_item_t, ones_user)
-    return self._cache["knn"]
+  def pair_index(self):
+    """(positions, values): z[u, i] of any pairs without densifying. `positions` has the
+    residual's sparsity with entry k stored as k + 1, so a CSR lookup (scipy's per-row
+    search) returns 0 for "u did not rate i" even where the stored residual is 0; `values`
+    are the residuals. Built once per model."""
+    if "pairs" not in self._cache:
+      z = self.residual
+      positions = sp.csr_matrix((np.arange(1, z.nnz + 1, dtype=np.float64), z.indices,
+                                 z.indptr), shape=z.shape)
+      self._cache["pairs"] = (positions, np.asarray(z.data, np.float64))
+    return self._cache["pairs"]
 
 
 # ---------------------------------------------------------------------------- fitting
@@ -271,7 +273,7 @@ def _residual(users, items, r, mu, bu, bi) -> tuple[sp.csr_matrix, sp.csr_matrix
 
 
 # ---------------------------------------------------------------------------- scoring
-def score(m: CFModel, users, items, chunk: int = 1024) -> np.ndarray:
+def score(m: CFModel, users, items) -> np.ndarray:
   """Raw FEATURES [n, len(FEATURES)] float64 for (user, item) id pairs under model m.
 
   Ids outside the fitted range (or with no training rows) fall back to zero biases,
@@ -293,35 +295,49 @@ def score(m: CFModel, users, items, chunk: int = 1024) -> np.ndarray:
   icount = np.where((items >= 0) & (items < len(m.item_count)), items, 0)
   out[:, 8] = np.log1p(m.user_count[ucount] * ((users >= 0) & (users < len(m.user_count))))
   out[:, 9] = np.log1p(m.item_count[icount] * ((items >= 0) & (items < len(m.item_count))))
-  s_item_t, ones_item_t, ones_user = m.transposed()
-  s_user = m.user_neighbors
-  # Blocks of distinct users (a request's one user, or `chunk` of them): each output row is
-  # computed from that user's rows alone, so the values do not depend on which other rows
-  # are scored with it (a served row equals the prepared one bit for bit).
+  # Neighbourhood scores per (user, item) pair from that pair's neighbour lists alone (each
+  # row's value is a fixed-order sum over its own <= K neighbours, so it does not depend on
+  # which other rows are scored with it: a served row equals the prepared one bit for bit).
+  positions, values = m.pair_index()
   q = np.flatnonzero(known)
-  block_users, inv = np.unique(u[q], return_inverse=True)
-  chunk = max(1, min(chunk, _BLOCK_FLOATS // max(n_items, 1)))
-  order = np.argsort(inv, kind="stable")
-  q, inv = q[order], inv[order]
-  bounds = np.searchsorted(inv, np.arange(0, len(block_users) + chunk, chunk))
-  for c in range(len(bounds) - 1):
-    rows = q[bounds[c]:bounds[c + 1]]
-    if not len(rows):
-      continue
-    block = block_users[c * chunk:(c + 1) * chunk]
-    lu, li = inv[bounds[c]:bounds[c + 1]] - c * chunk, i[rows]
-    z, rated = m.residual[block], m.rated[block]
-    # item-KNN: (Z S^T)[u, i] over i's neighbours j the user rated.
-    num = np.asarray((z @ s_item_t)[lu, li]).ravel()
-    den = np.asarray((rated @ s_item_t)[lu, li]).ravel()
-    sup = np.asarray((rated @ ones_item_t)[lu, li]).ravel()
-    out[rows, 3], out[rows, 4] = num / (den + 1.0), np.log1p(sup)
-    # user-KNN: (S_u Z)[u, i] over u's neighbours v who rated i.
-    num = np.asarray((s_user[block] @ m.residual)[lu, li]).ravel()
-    den = np.asarray((s_user[block] @ m.rated)[lu, li]).ravel()
-    sup = np.asarray((ones_user[block] @ m.rated)[lu, li]).ravel()
-    out[rows, 5], out[rows, 6] = num / (den + 1.0), np.log1p(sup)
+  k_max = max(int(np.diff(m.item_neighbors.indptr).max(initial=0)),
+              int(np.diff(m.user_neighbors.indptr).max(initial=0)), 1)
+  step = max(1, _PAIR_ENTRIES // k_max)
+  for a in range(0, len(q), step):
+    rows = q[a:a + step]
+    pu, pi = u[rows], i[rows]
+    # item-KNN: sum over i's neighbours j the user rated of s_ij z_uj.
+    owner, j, sim = _neighbours(m.item_neighbors, pi)
+    out[rows, 3], out[rows, 4] = _knn(positions, values, pu[owner], j, owner, sim, len(rows))
+    # user-KNN: sum over u's neighbours v who rated i of s_uv z_vi.
+    owner, v, sim = _neighbours(m.user_neighbors, pu)
+    out[rows, 5], out[rows, 6] = _knn(positions, values, v, pi[owner], owner, sim, len(rows))
   return out
+
+
+def _neighbours(nb: sp.csr_matrix, rows: np.ndarray):
+  """The stored entries of CSR rows `rows` (repeats allowed), in row then column order:
+  (position in `rows` of each entry's row, the entry's column, its value)."""
+  starts = nb.indptr[rows]
+  counts = nb.indptr[rows + 1] - starts
+  owner = np.repeat(np.arange(len(rows)), counts)
+  pos = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+  return owner, nb.indices[pos].astype(np.int64), nb.data[pos]
+
+
+def _knn(positions, values, users, items, owner, sim, n):
+  """(sum s z / (sum s + 1), log1p support) per pair over its neighbour entries: the
+  (users, items) pairs, weighted `sim`, of which the rated ones count."""
+  if len(users):
+    pos = np.asarray(positions[users, items], np.float64).ravel().astype(np.int64)
+  else:
+    pos = np.zeros(0, np.int64)
+  rated = pos > 0
+  z = np.where(rated, values[np.maximum(pos - 1, 0)], 0.0) if len(values) else np.zeros(len(pos))
+  num = np.bincount(owner, sim * z, n)
+  den = np.bincount(owner, sim * rated, n)
+  support = np.bincount(owner, rated, n)
+  return num / (den + 1.0), np.log1p(support)
 
 
 # ---------------------------------------------------------------------------- out of fold
@@ -356,13 +372,13 @@ def compute(users, items, values, train_rows, n_users: int, n_items: int, cfg,
     fit_rows, held = train_rows[fold != f], train_rows[fold == f]
     m = fit(users[fit_rows], items[fit_rows], values[fit_rows], n_users, n_items, cfg,
             uc, ic, seed)
-    out[held] = score(m, users[held], items[held], int(cfg.chunk_rows))
+    out[held] = score(m, users[held], items[held])
     log(f"data: collaborative fold {f + 1}/{folds}: {len(held):,} training rows scored")
   full = fit(users[train_rows], items[train_rows], values[train_rows], n_users, n_items, cfg,
              uc, ic, seed)
   full.meta = {"config": _plain(cfg), "seed": int(seed), "applied": []}
   rest = np.setdiff1d(np.arange(n), train_rows)
-  out[rest] = score(full, users[rest], items[rest], int(cfg.chunk_rows))
+  out[rest] = score(full, users[rest], items[rest])
   return out, full
 
 

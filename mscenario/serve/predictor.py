@@ -135,7 +135,7 @@ class ModelVersion:
     model = cf_lib.CFModel.load(os.path.join(self.path, entry["file"]))
     if model.user_keys is None:  # a state written before it carried its id keys
       model.set_keys(self.transform.state["user_vocab"], self.transform.state["item_vocab"])
-    model.transposed()  # lookups built at load, not on the first request
+    model.pair_index()  # lookups built at load, not on the first request
     model.user_ids(np.zeros(0, object)), model.item_ids(np.zeros(0, object))
     return model
 
