@@ -348,8 +348,14 @@ def test_text_model_export_is_self_contained(tmp_path, monkeypatch):
           f"--config.text.model_path={bert_dir}"]
   assert cli.main(["train", "--config", SYNTHETIC, "--workdir", workdir, *args]) == 0
   assert cli.main(["export", "--workdir", workdir, "--out", model_dir, "--buckets", "8"]) == 0
+  first = pred_lib.resolve_version_dir(model_dir)
+  assert cli.main(["export", "--workdir", workdir, "--out", model_dir, "--buckets", "8"]) == 0
   shutil.rmtree(bert_dir)  # another machine: the training path (and any package) is gone
   vdir = pred_lib.resolve_version_dir(model_dir)
+  # The second version shares the first's language-model files (hard links, not copies).
+  assert vdir != first and os.path.samefile(
+      os.path.join(vdir, "text", "encoder", "model.safetensors"),
+      os.path.join(first, "text", "encoder", "model.safetensors"))
   manifest = json.load(open(os.path.join(vdir, "manifest.json")))
   assert manifest["item_text"]["encoder"] == "text/encoder"
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(

@@ -11,6 +11,7 @@ Nothing is pickled: weights go to safetensors under flat 'a/b/c' names, everythi
 from __future__ import annotations
 
 import datetime
+import filecmp
 import glob
 import json
 import os
@@ -146,7 +147,8 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
         for rel in files:
           dest = os.path.join(tmp, fmt.ENCODER_DIR, rel)
           os.makedirs(os.path.dirname(dest), exist_ok=True)
-          shutil.copy2(os.path.join(encoder_dir, rel), dest)
+          _link_or_copy(os.path.join(encoder_dir, rel), dest, out_dir,
+                        os.path.join(fmt.ENCODER_DIR, rel))
         manifest["item_text"].update(encoder=fmt.ENCODER_DIR, encoder_files=files)
     w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
     platforms = _platforms()
@@ -171,7 +173,7 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
         os.makedirs(os.path.join(tmp, fmt.TEXT_DIR), exist_ok=True)
       for p in files:
         name = os.path.basename(p)
-        shutil.copy2(p, os.path.join(tmp, "text", name))
+        _link_or_copy(p, os.path.join(tmp, "text", name), out_dir, os.path.join("text", name))
         manifest["text_tables"][name[:-4]] = f"text/{name}"
       if os.path.exists(os.path.join(text_dir, "index.json")):
         shutil.copy2(os.path.join(text_dir, "index.json"), os.path.join(tmp, "text"))
@@ -197,6 +199,26 @@ def write_version(out_dir: str, *, weights: dict[str, np.ndarray], score, config
       f"{sorted(int(b) for b in manifest['functions'])}, platforms {list(platforms)}); "
       f"{os.path.join(out_dir, fmt.CURRENT_FILE)} -> {version}")
   return final
+
+
+def _link_or_copy(src: str, dest: str, out_dir: str, rel: str) -> None:
+  """Copy `src` to `dest`, or hard-link the same file of an earlier version when its bytes
+  are identical: versions are immutable once written, and each version of a text-fused model
+  would otherwise carry its own copy of the language model (~90 MB for MiniLM). Falls back
+  to a copy where links are not possible (another file system, no permission)."""
+  vdir = os.path.join(out_dir, fmt.VERSIONS_DIR)
+  names = sorted((d for d in (os.listdir(vdir) if os.path.isdir(vdir) else [])
+                  if re.fullmatch(r"v\d+", d)), key=lambda d: -int(d[1:]))
+  size = os.path.getsize(src)
+  for name in names:
+    earlier = os.path.join(vdir, name, rel)
+    try:
+      if os.path.getsize(earlier) == size and filecmp.cmp(src, earlier, shallow=False):
+        os.link(earlier, dest)
+        return
+    except OSError:
+      continue
+  shutil.copy2(src, dest)
 
 
 def _write_explain(tmp: str, manifest: dict, explain, w_spec: dict, platforms) -> None:
