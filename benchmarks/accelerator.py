@@ -35,30 +35,27 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from loop_throughput import measure  # noqa: E402
 from table_size import one as table_step  # noqa: E402
 
-from mscenario.config import load_config  # noqa: E402
+from mscenario.config import MODEL_DEFAULTS, load_config  # noqa: E402
 from mscenario.data.prepare import prepare  # noqa: E402
 
 ML1M_LIKE = ["--config.data.synthetic.num_rows=1000000", "--config.data.synthetic.num_users=6040",
              "--config.data.synthetic.num_items=3706"]
 SMALL = ["--config.data.synthetic.num_rows=20000", "--config.data.synthetic.num_users=500",
-         "--config.data.synthetic.num_items=300", "--config.model.hidden=(32,16)",
-         "--config.model.aux_hidden=(8,)", "--config.model.expert_hidden=(16,)",
-         "--config.model.tower_hidden=(8,)"]
+         "--config.data.synthetic.num_items=300"]
+SMALL_SIZES = {"hidden": "(32,16)", "aux_hidden": "(8,)", "expert_hidden": "(16,)",
+               "tower_hidden": "(8,)"}  # of whichever the model has
 
 
 def model_config(model: str, root: str, small: bool, extra):
+  """The model at its shipped sizes (small: tiny ones) on ML-1M, or on the synthetic world."""
   if small or not root:
-    from mscenario.models.presets import with_model
-    config = load_config(os.path.join(REPO, "configs", "synthetic.py"),
-                         [*(SMALL if small else ML1M_LIKE), *extra])
-    return with_model(config, model) if not small else _named(config, model)
+    sizes = [f"--config.model.{model}.{k}={v}" for k, v in SMALL_SIZES.items()
+             if small and k in MODEL_DEFAULTS[model]]
+    return load_config(os.path.join(REPO, "configs", "synthetic.py"),
+                       [*(SMALL if small else ML1M_LIKE), f"--config.model.name={model}",
+                        *sizes, *extra])
   return load_config(os.path.join(REPO, "configs", f"ml1m_{model}.py"),
                      [f"--config.data.root={root}", *extra])
-
-
-def _named(config, model):
-  config.model.name = model
-  return config
 
 
 def training(args) -> list[dict]:

@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from mscenario.config import load_config
+from mscenario.config import MODEL_DEFAULTS, load_config
 from mscenario.data.synthetic import IMPORTANCE_FEATURES
 from mscenario.explain import summary
 from mscenario.explain.attribute import Explainer
@@ -26,14 +26,18 @@ IMPORTANCE = ((1.0, 1.5, 0.0, 0.0, 0.0, 0.5),
               (0.0, 0.0, 1.0, 1.5, 0.0, 0.5),
               (0.0, 0.0, 0.5, 0.0, 1.0, 1.5))
 
+# Small layers, for whichever of these the model has (its subtree c.model.<name>).
+SMALL_SIZES = {"hidden": "(32,16)", "aux_hidden": "(8,)", "expert_hidden": "(16,)",
+               "tower_hidden": "(8,)"}
+
 
 def one(model: str, seed: int, rows: int, root: str) -> dict:
   over = [f"--config.data.synthetic.importance={IMPORTANCE}",
           f"--config.data.synthetic.num_rows={rows}", "--config.data.synthetic.num_users=300",
           "--config.data.synthetic.num_items=200", f"--config.data.synthetic.seed={seed}",
           f"--config.seed={seed}", f"--config.model.name={model}",
-          "--config.model.hidden=(32,16)", "--config.model.aux_hidden=(8,)",
-          "--config.model.expert_hidden=(16,)", "--config.model.tower_hidden=(8,)",
+          *[f"--config.model.{model}.{k}={v}" for k, v in SMALL_SIZES.items()
+            if k in MODEL_DEFAULTS[model]],
           "--config.train.batch_size=512", "--config.train.epochs=6",
           "--config.train.learning_rate=3e-3", "--config.train.patience=0"]
   wd = os.path.join(root, f"{model}-{seed}")

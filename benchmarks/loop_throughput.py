@@ -31,12 +31,13 @@ from mscenario.train import loop  # noqa: E402
 
 # The reference implementation's own layer sizes (DESIGN.md §4).
 REFERENCE_SIZES = {
-    "sharedbottom": ["--config.model.hidden=(128,)", "--config.model.tower_hidden=(8,)"],
-    "mmoe": ["--config.model.num_experts=3", "--config.model.expert_hidden=(16,)",
-             "--config.model.tower_hidden=(8,)"],
-    "ple": ["--config.model.shared_experts=1", "--config.model.specific_experts=2",
-            "--config.model.expert_hidden=(16,)", "--config.model.tower_hidden=(8,)"],
-    "star": ["--config.model.hidden=(128,64,32)", "--config.model.aux_hidden=(32,)"],
+    "sharedbottom": ["--config.model.sharedbottom.hidden=(128,)",
+                     "--config.model.sharedbottom.tower_hidden=(8,)"],
+    "mmoe": ["--config.model.mmoe.num_experts=3", "--config.model.mmoe.expert_hidden=(16,)",
+             "--config.model.mmoe.tower_hidden=(8,)"],
+    "ple": ["--config.model.ple.shared_experts=1", "--config.model.ple.specific_experts=2",
+            "--config.model.ple.expert_hidden=(16,)", "--config.model.ple.tower_hidden=(8,)"],
+    "star": ["--config.model.star.hidden=(128,64,32)", "--config.model.star.aux_hidden=(32,)"],
 }
 REFERENCE_EPS = {"sharedbottom": 36_200, "mmoe": 32_500, "ple": 27_800, "star": 25_900}
 

@@ -155,7 +155,7 @@ def main():
       else:
         cfg_path = os.path.join(REPO, "configs", "synthetic.py")
         overrides = [f"--config.model.name={name}", "--config.train.batch_size=4096"]
-      overrides += [f"--config.model.{k}={v}" for k, v in sizes.items()] + args.overrides
+      overrides += [f"--config.model.{name}.{k}={v}" for k, v in sizes.items()] + args.overrides
       config = load_config(cfg_path, overrides)
       key = (cfg_path if not use_ml1m else "ml1m")
       if key not in data_cache:

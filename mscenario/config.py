@@ -18,6 +18,137 @@ from ml_collections import ConfigDict
 from mscenario.errors import ConfigError
 
 
+# Each model's own hyperparameters (its module's fields, models/*.py) with the shipped sizes:
+# the one source of the sizes every data set's config of a model trains with (build_model
+# passes every key, so a module's own field defaults matter only to direct Python use). A
+# module field not listed is one the model does not use (`hidden` of mmoe, ple, m2m, sarnet;
+# tests/test_model_config.py checks both).
+MODEL_DEFAULTS = {
+    "seed": {"hidden": (256, 128),          # per-side encoder widths
+             "tower_hidden": (64,),
+             "user_features": (),           # user-side feature names; () = by name (user*, age …)
+             "item_features": ()},          # item-side names; () = every feature not user-side
+    "star": {"hidden": (256, 128),          # the star-topology FCN
+             "aux_hidden": (64,),           # auxiliary network
+             "scenario_matmul": "grouped"},  # grouped (rows packed per scenario) | dense (all S)
+    "mmoe": {"num_experts": 4, "expert_hidden": (256,), "tower_hidden": (64,)},
+    # Experts of 192 (2 shared + 1 per scenario), towers (32,): 0.8125 ± 0.0007 test AUC on
+    # ML-1M against 0.8128 ± 0.0003 for experts of 256 / towers (64,), at 2.95 instead of
+    # 4.54 GFLOP per 4096-batch and 1.41x the loop's examples/s (BENCHMARKS §15).
+    "ple": {"ple_layers": 1, "shared_experts": 2, "specific_experts": 1,
+            "expert_hidden": (192,), "tower_hidden": (32,)},
+    # Bottom (256,), towers (32,) train 1.7x faster than (256, 128) / (64,) on ML-1M at
+    # 0.8106 ± 0.0006 test AUC (vs 0.8101 ± 0.0008 for the larger sizes; BENCHMARKS §15).
+    "sharedbottom": {"hidden": (256,), "tower_hidden": (32,)},
+    "pepnet": {"hidden": (256, 128),
+               "gate_gamma": 2.0,           # gate = gamma * sigmoid(.) (2 = neutral start at 1)
+               "prior_features": ()},       # PPNet prior features; () = user_id, item_id
+    "m2m": {"num_experts": 4, "expert_hidden": (256,), "tower_hidden": (64,),
+            "meta_dim": 32,                 # expert output / meta-unit width
+            "meta_tower_layers": 2,         # generated residual layers in the meta tower
+            "transformer_layers": 1,        # encoder blocks over the feature tokens
+            "transformer_heads": 2},
+    # STAR layer hidden[0], then the LayerNorm MLP (the reference implementation's sizes).
+    "m3oe": {"hidden": (128, 64), "num_experts": 4, "expert_hidden": (64, 32),
+             "balance_init": 1.0},          # initial logit of the domain balance / weight
+    "sarnet": {"shared_experts": 4, "specific_experts": 2, "expert_hidden": (64,),
+               "tower_hidden": (32,),
+               "debias_hidden": 16},        # width of the scenario debias network
+    "adasparse": {"hidden": (256, 128),
+                  "pruner_alpha": 1.0,      # pi = beta * sigmoid(alpha * v), cut below epsilon
+                  "pruner_beta": 2.0, "pruner_epsilon": 1e-2},
+}
+
+# Keys on c.model itself, read by every model (or, `sequence`, by the trainer around it).
+SHARED_MODEL_KEYS = ("name", "embed_dim", "dropout", "activation", "dtype", "batch_norm",
+                     "embed_init_std", "interaction", "sequence")
+# Shared keys a model does not read: a changed value would be ignored, so it is refused.
+SHARED_KEYS_UNUSED = {
+    "m3oe": ("activation", "batch_norm"),  # LayerNorm MLPs with ReLU
+    # Their own embedding layout (not ScenarioModel.inputs), so no pairwise-dot input.
+    "seed": ("interaction",), "pepnet": ("interaction",), "m2m": ("interaction",),
+}
+
+
+def _static(value: Any) -> Any:
+  """Lists -> tuples (config.json stores tuples as lists: either spelling is one setting)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_static(v) for v in value)
+  return value
+
+
+def _flag(name: str, key: str) -> str:
+  return f"--config.model.{name}.{key}" if name else f"--config.model.{key}"
+
+
+def check_model(model: Any, own_keys: Sequence[str] | None = None,
+                models: Sequence[str] | None = None) -> None:
+  """Refuse every key of `c.model` that the selected model would ignore: an ignored setting
+  is a wrong experiment that looks right. Checked: keys of the old flat layout, keys outside
+  the model's subtree, a changed value in another model's subtree, a changed shared key the
+  model does not read. `own_keys`: the subtree keys of a model not in MODEL_DEFAULTS (its
+  module's fields; models/registry.py passes them); `models`: the registered names."""
+  name = model.get("name", None)
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f"model.name={name!r}: expected a model name "
+                      f"(e.g. {', '.join(MODEL_DEFAULTS)})")
+  # A model registered outside mscenario: its keys are known once the registry is loaded.
+  known = name in MODEL_DEFAULTS or own_keys is not None
+  own = tuple(MODEL_DEFAULTS[name]) if name in MODEL_DEFAULTS else tuple(own_keys or ())
+  valid = (f"model {name!r} takes model.{name}.{{{', '.join(sorted(own))}}}; every model: "
+           f"model.{{{', '.join(k for k in SHARED_MODEL_KEYS if k != 'name')}}}")
+  defaults = base_config().model
+  for key in model.keys():
+    value = model[key]
+    if key in SHARED_MODEL_KEYS:
+      if key in SHARED_KEYS_UNUSED.get(name, ()) and _static(value) != defaults[key]:
+        raise ConfigError(f"model.{key}={value!r} is set but model {name!r} does not use "
+                          f"{key!r}: it would be ignored ({valid})")
+      continue
+    if not isinstance(value, (ConfigDict, dict)):  # the flat layout before model subtrees
+      if key in own or (not known and any(key in keys for keys in MODEL_DEFAULTS.values())):
+        raise ConfigError(
+            f"model.{key}: each model's hyperparameters are in its own subtree: set "
+            f"model.{name}.{key} ({_flag(name, key)}=...) instead of model.{key}")
+      owners = [m for m, keys in MODEL_DEFAULTS.items() if key in keys]
+      where = (f"; {key!r} belongs to " + ", ".join(f"model.{m}.{key}" for m in owners)
+               if owners else "")
+      raise ConfigError(f"model.{key}: not a setting of model {name!r} ({valid}){where}")
+    if key == name:
+      unknown = sorted(set(value.keys()) - set(own)) if known else []
+      if unknown:
+        raise ConfigError(f"model.{name}.{unknown[0]}: model {name!r} has no hyperparameter "
+                          f"{unknown[0]!r} (its keys: {', '.join(sorted(own))})")
+      continue
+    if key not in MODEL_DEFAULTS:
+      if models is not None and key not in models:
+        raise ConfigError(f"model.{key}: no model is called {key!r} (models: "
+                          f"{', '.join(sorted(models))})")
+      continue  # another registered model's subtree: no shipped defaults to compare with
+    for k in value.keys():
+      if k not in MODEL_DEFAULTS[key] or _static(value[k]) != _static(MODEL_DEFAULTS[key][k]):
+        raise ConfigError(
+            f"model.{key}.{k}={value[k]!r} is set but model.name={name!r}: it would be "
+            f"ignored (set --config.model.name={key} to train {key}; {valid})")
+
+
+def upgrade(config: dict) -> dict:
+  """A config dict written before each model had its own subtree (all keys flat on c.model)
+  -> the current layout: the selected model's keys move into model.<name> (missing ones take
+  the shipped default), the flat keys it ignored are dropped. Other dicts come back as given."""
+  model = config.get("model") if isinstance(config, dict) else None
+  if not isinstance(model, dict):
+    return config
+  flat = [k for k, v in model.items() if k not in SHARED_MODEL_KEYS and not isinstance(v, dict)]
+  name = model.get("name")
+  if not flat or name not in MODEL_DEFAULTS:
+    return config
+  new = {k: v for k, v in model.items() if k not in flat}
+  own = json.loads(json.dumps(MODEL_DEFAULTS[name]))
+  new[name] = {k: model.get(k, v) for k, v in own.items()}
+  return {**config, "model": new}
+
+
 def default_data_dir() -> str:
   """Where `mscenario data get` puts data sets (overridable with $MSCENARIO_DATA)."""
   if os.environ.get("MSCENARIO_DATA"):
@@ -129,43 +260,28 @@ def base_config() -> ConfigDict:
   c.data.synthetic.importance = ()
 
   # ---- model --------------------------------------------------------------------------
+  # Keys every model reads (SHARED_KEYS_UNUSED: the exceptions); each model's own
+  # hyperparameters are in its subtree
+  # c.model.<name> (MODEL_DEFAULTS above), e.g. --config.model.mmoe.expert_hidden='(128,)'.
+  # models/registry.py builds the selected one from its subtree and refuses any key it would
+  # ignore (see check_model).
   c.model = ConfigDict()
   c.model.name = "star"
   c.model.embed_dim = 16
-  c.model.hidden = (256, 128)      # main MLP / tower widths
   c.model.dropout = 0.0
   c.model.activation = "relu"
-  c.model.num_experts = 4          # mmoe / ple
-  c.model.expert_hidden = (256,)
-  c.model.tower_hidden = (64,)
-  c.model.ple_layers = 1
-  c.model.shared_experts = 2       # ple
-  c.model.specific_experts = 1     # ple
-  c.model.aux_hidden = (64,)       # star auxiliary network
+  c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
+  c.model.batch_norm = True        # BatchNorm after each MLP Linear, as the benchmark's MLP does
+  c.model.embed_init_std = 1e-4    # N(0, std) embedding init (the benchmark's default)
+  c.model.interaction = "none"     # none | dot: pairwise embedding dot products join the input
   # Behaviour-sequence encoder over data.history (models/sequence.py): kind none |
   # transformer | lstm | mean | stats; its summary (plus, with stats=True, mean label / raw
   # feedback over the last 1/5/20/K events and log #earlier events) joins every model's
   # dense input.
   c.model.sequence = ConfigDict({"kind": "none", "layers": 1, "heads": 2, "width": 32,
                                  "stats": True})
-  c.model.dtype = "float32"        # float32 | bfloat16 (compute dtype; params stay float32)
-  c.model.batch_norm = True        # BatchNorm after each MLP Linear, as the benchmark's MLP does
-  c.model.embed_init_std = 1e-4    # N(0, std) embedding init (the benchmark's default)
-  c.model.interaction = "none"     # none | dot: pairwise embedding dot products join the input
-  c.model.user_features = ()       # seed: user-side feature names; () = by name (user*, age …)
-  c.model.item_features = ()       # seed: item-side names; () = every feature not user-side
-  c.model.scenario_matmul = "grouped"  # star: grouped (rows packed per scenario) | dense (all S)
-  c.model.gate_gamma = 2.0          # pepnet: gate = gamma * sigmoid(.) (2 = neutral start at 1)
-  c.model.prior_features = ()      # pepnet: PPNet prior features; () = user_id, item_id
-  c.model.meta_dim = 32            # m2m: expert output / meta-unit width
-  c.model.meta_tower_layers = 2    # m2m: generated residual layers in the meta tower
-  c.model.transformer_layers = 1   # m2m: encoder blocks over the feature tokens
-  c.model.transformer_heads = 2    # m2m
-  c.model.pruner_alpha = 1.0       # adasparse: pi = beta * sigmoid(alpha * v), cut below epsilon
-  c.model.pruner_beta = 2.0        # adasparse
-  c.model.pruner_epsilon = 1e-2    # adasparse
-  c.model.debias_hidden = 16       # sarnet: width of the scenario debias network
-  c.model.balance_init = 1.0       # m3oe: initial logit of the domain balance / weight
+  for name, keys in MODEL_DEFAULTS.items():
+    c.model[name] = ConfigDict(keys)
 
   # ---- training -----------------------------------------------------------------------
   c.train = ConfigDict()
@@ -299,6 +415,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
     raise ConfigError(f"config file {path}: get_config() returned "
                       f"{type(config).__name__}, expected an ml_collections ConfigDict")
   apply_overrides(config, overrides)
+  if isinstance(config.get("model", None), ConfigDict):
+    check_model(config.model)
   return config
 
 
@@ -391,6 +509,13 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
         with node.unlocked():
           node[leaf] = value
         continue
+      owners = [m for m, keys in MODEL_DEFAULTS.items() if leaf in keys]
+      if parts[:-1] == ["model"] and owners:  # the flat layout before model subtrees
+        name = node.get("name", None)
+        where = (f"--config.model.{name}.{leaf}" if name in owners else
+                 f"--config.model.<name>.{leaf} (model.name is {name!r}, which has none)")
+        raise ConfigError(f"--config.{key}: each model's hyperparameters are in its own "
+                          f"subtree: use {where}; {leaf!r} is a key of {', '.join(owners)}")
       raise ConfigError(f"--config.{key}: unknown key '{leaf}' (known: {sorted(node.keys())})")
     value = _parse_value(raw, node[leaf], key)
     try:
@@ -401,8 +526,24 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
 
 def to_json(config: ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+  """The resolved config as a run records it (config.json). Of the model subtrees only the
+  selected model's is written (check_model holds the others at their defaults): the file says
+  what the run trained, and a later change to another model's shipped size is no change to
+  this run (resuming compares the files)."""
+  d = config.to_dict()
+  model = d.get("model")
+  if isinstance(model, dict):
+    d["model"] = {k: v for k, v in model.items()
+                  if k not in MODEL_DEFAULTS or k == model.get("name")}
+  return json.dumps(d, indent=2, sort_keys=True, default=str)
 
 
 def from_json(text: str) -> ConfigDict:
-  return ConfigDict(json.loads(text))
+  """config.json -> ConfigDict: an old flat model section is upgraded, and the subtrees
+  to_json left out come back at their defaults (so overrides and checks see one layout)."""
+  config = ConfigDict(upgrade(json.loads(text)))
+  if "model" in config and isinstance(config.model, ConfigDict):
+    for name, keys in MODEL_DEFAULTS.items():
+      if name not in config.model:
+        config.model[name] = ConfigDict(keys)
+  return config

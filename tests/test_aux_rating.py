@@ -47,7 +47,7 @@ def _config(tmp_path, *overrides, label=("rating", "> 3")):
   d.scenario = ConfigDict({"field": "scenario", "groups": {}, "descriptions": {}})
   d.label = ConfigDict({"field": label[0], "rule": label[1]})
   return config_lib.apply_overrides(c, ["--config.model.name=sharedbottom",
-                                        "--config.model.hidden=(16,)", *overrides])
+                                        "--config.model.sharedbottom.hidden=(16,)", *overrides])
 
 
 def _setup(cfg):

@@ -229,9 +229,9 @@ def test_empty_override_value_is_a_config_error():
                                ["--config.data.table.columns.label="])
 
 
-@pytest.mark.parametrize("override", ["--config.seed.x=1", "--config.model.hidden={[]: 1}",
+@pytest.mark.parametrize("override", ["--config.seed.x=1", "--config.model.star.hidden={[]: 1}",
                                       "--config.data.scenario.groups.a=[1,",
-                                      "--config.model.hidden=" + "(" * 5000,
+                                      "--config.model.star.hidden=" + "(" * 5000,
                                       "--config.data=3", "--config.seed=True"])
 def test_bad_overrides_are_config_errors(override):
   with pytest.raises(ConfigError):
@@ -249,15 +249,19 @@ def test_get_config_that_raises(tmp_path):
 
 
 @pytest.mark.parametrize("override,key,value", [
-    ("--config.model.hidden=(64, 32)", ("model", "hidden"), [64, 32]),
-    ("--config.model.hidden=64", ("model", "hidden"), [64]),
+    ("--config.model.seed.hidden=(64, 32)", ("model", "seed", "hidden"), [64, 32]),
+    ("--config.model.seed.hidden=64", ("model", "seed", "hidden"), [64]),
     ("--config.data.split.ratios=(0.7, 0.2, 0.1)", ("data", "split", "ratios"),
      [0.7, 0.2, 0.1]),
     ("--config.data.split.ratios=(1, 0, 0)", ("data", "split", "ratios"), [1.0, 0.0, 0.0]),
-    ("--config.model.user_features=('age',)", ("model", "user_features"), ["age"])])
+    ("--config.model.seed.user_features=('age',)", ("model", "seed", "user_features"),
+     ["age"])])
 def test_tuple_overrides_when_resuming_from_config_json(override, key, value):
   """config.json stores tuples as lists; the same override works on either."""
-  resumed = config_lib.from_json(config_lib.to_json(config_lib.base_config()))
+  config = config_lib.base_config()
+  config.model.name = "seed"  # its subtree is written to config.json (as lists)
+  resumed = config_lib.from_json(config_lib.to_json(config))
+  assert isinstance(resumed.model.seed.hidden, list)
   node = config_lib.apply_overrides(resumed, [override])
   fresh = config_lib.apply_overrides(config_lib.base_config(), [override])
   for k in key:

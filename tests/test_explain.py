@@ -14,17 +14,17 @@ from mscenario.explain import summary
 from mscenario.explain.attribute import Explainer
 from mscenario.explain.run import explain_workdir, load_run
 from mscenario.train.loop import build, load_data, train
-from tests.helpers import SYNTHETIC, TINY
+from tests.helpers import SYNTHETIC, TINY, tiny
 
 # (user_id, item_id, gender, age_bucket, region, category) per scenario: s0 by user and item
 # identity, s1 by age and gender, s2 by category and region; zeros carry nothing.
 IMPORTANCE = ((1.0, 1.5, 0.0, 0.0, 0.0, 0.5),
               (0.0, 0.0, 1.0, 1.5, 0.0, 0.5),
               (0.0, 0.0, 0.5, 0.0, 1.0, 1.5))
-WORLD = TINY + [
+WORLD = tiny("mmoe") + [
     f"--config.data.synthetic.importance={IMPORTANCE}",
     "--config.data.synthetic.num_rows=50000", "--config.data.synthetic.num_users=300",
-    "--config.data.synthetic.num_items=200", "--config.model.name=mmoe",
+    "--config.data.synthetic.num_items=200",
     "--config.train.epochs=6", "--config.train.learning_rate=3e-3",
     "--config.train.patience=0"]
 MIN_SPEARMAN = 0.8

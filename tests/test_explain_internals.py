@@ -12,7 +12,7 @@ from mscenario.explain.attribute import Explainer
 from mscenario.explain.run import Run, explain_workdir
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train.loop import build, load_data, train
-from tests.helpers import SYNTHETIC, TINY
+from tests.helpers import SYNTHETIC, tiny
 from tests.test_explain import IMPORTANCE
 
 # IMPORTANCE (test_explain): user_id and item_id matter in s0 only, age_bucket in s1 only,
@@ -23,10 +23,10 @@ WHERE_IT_MATTERS = {"user_id": 0, "item_id": 0, "age_bucket": 1, "category": 2}
 @pytest.fixture(scope="module")
 def pepnet(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pepnet") / "run")
-  train(load_config(SYNTHETIC, TINY + [
+  train(load_config(SYNTHETIC, tiny("pepnet") + [
       f"--config.data.synthetic.importance={IMPORTANCE}",
       "--config.data.synthetic.num_users=300", "--config.data.synthetic.num_items=200",
-      "--config.model.name=pepnet", "--config.train.epochs=3",
+      "--config.train.epochs=3",
       "--config.train.learning_rate=3e-3", "--config.train.patience=0"]), workdir,
       log=lambda *a: None)
   out = tmp_path_factory.mktemp("pepnet_explain")
@@ -68,8 +68,8 @@ def test_learned_similarity_matrices(pepnet):
 
 def _untrained(name: str, *overrides):
   """(run, explainer) of an untrained model: shapes and bookkeeping need no training."""
-  config = load_config(SYNTHETIC, TINY + ["--config.data.synthetic.num_rows=3000",
-                                          f"--config.model.name={name}", *overrides])
+  config = load_config(SYNTHETIC, tiny(name) + ["--config.data.synthetic.num_rows=3000",
+                                                *overrides])
   data = load_data(config, log=lambda *a: None)
   setup = build(config, data, mesh_lib.make_mesh(config.mesh))
   run = Run(config, data, setup, setup.create_state())
@@ -91,8 +91,10 @@ def _internals(run, ex, out) -> dict:
 def test_adasparse_sparsity_per_scenario(tmp_path):
   """A pruner threshold above every factor (beta = 2) cuts every neuron; threshold 0 none:
   the reported fraction cut follows the model's own pruning, per layer and scenario."""
-  cut = _internals(*_untrained("adasparse", "--config.model.pruner_epsilon=2.5"), tmp_path)
-  kept = _internals(*_untrained("adasparse", "--config.model.pruner_epsilon=0.0"), tmp_path)
+  cut = _internals(*_untrained("adasparse", "--config.model.adasparse.pruner_epsilon=2.5"),
+                   tmp_path)
+  kept = _internals(*_untrained("adasparse", "--config.model.adasparse.pruner_epsilon=0.0"),
+                    tmp_path)
   for name in ("pruner_1", "pruner_2"):
     assert cut["layer_gates"][name]["fraction_zero"] == [1.0, 1.0, 1.0]
     assert kept["layer_gates"][name]["fraction_zero"] == [0.0, 0.0, 0.0]

@@ -110,11 +110,11 @@ from mscenario.data import pipeline  # noqa: E402
 from mscenario.data.prepare import prepare  # noqa: E402
 from mscenario.parallel import mesh as mesh_lib  # noqa: E402
 from mscenario.train import loop  # noqa: E402
-from tests.helpers import SYNTHETIC, TINY  # noqa: E402
+from tests.helpers import SYNTHETIC, TINY, tiny  # noqa: E402
 
 
-def _config(*extra):
-  return load_config(SYNTHETIC, [*TINY, "--config.data.history.length=6", *extra])
+def _config(*extra, model="star"):
+  return load_config(SYNTHETIC, [*tiny(model), "--config.data.history.length=6", *extra])
 
 
 def test_prepared_history_is_strictly_earlier_events_of_the_same_user():
@@ -139,7 +139,7 @@ def test_prepared_history_is_strictly_earlier_events_of_the_same_user():
                                        ("stats", "star"), ("transformer", "seed"),
                                        ("stats", "mmoe")])
 def test_sequence_features_reach_the_model_and_ignore_padding(kind, name):
-  config = _config(f"--config.model.sequence.kind={kind}", f"--config.model.name={name}")
+  config = _config(f"--config.model.sequence.kind={kind}", model=name)
   data = prepare(config, log=lambda *_: None)
   setup = loop.build(config, data, mesh_lib.make_mesh(config.mesh))
   state = setup.create_state()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mscenario.config import base_config
+from mscenario.config import SHARED_MODEL_KEYS, base_config
 from mscenario.data.schema import FeatureSchema, MultiFeature, SparseFeature
 from mscenario.errors import ConfigError
 from mscenario.models import available_models, build_model
@@ -44,17 +44,21 @@ def make_batch(b=32, seed=0, scenario=None):
   }
 
 
+SMALL = {"hidden": (16, 8), "expert_hidden": (8,), "tower_hidden": (4,), "aux_hidden": (8,)}
+
+
 def model_cfg(name, **overrides):
+  """c.model for `name` with small layers; overrides go to the shared keys or its subtree."""
   c = base_config().model
   c.name = name
-  c.hidden = (16, 8)
-  c.expert_hidden = (8,)
-  c.tower_hidden = (4,)
-  c.aux_hidden = (8,)
   c.embed_dim = 4
   c.embed_init_std = 0.5  # visible embeddings, so every part of the model matters at init
-  for k, v in overrides.items():
-    c[k] = v
+  own = c[name] if name in c else {}
+  for k, v in {**{k: v for k, v in SMALL.items() if k in own}, **overrides}.items():
+    if k in SHARED_MODEL_KEYS:
+      c[k] = v
+    else:
+      own[k] = v
   return c
 
 

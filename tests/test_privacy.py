@@ -23,14 +23,14 @@ from mscenario.models.embedding import batch_ids
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import loop, privacy, sparse
 from mscenario.train.steps import _apply, make_train_step
-from tests.helpers import SYNTHETIC, TINY
+from tests.helpers import SYNTHETIC, tiny
 
-DP = ["--config.model.name=sharedbottom", "--config.model.batch_norm=false",
+DP = ["--config.model.batch_norm=false",
       "--config.privacy.enabled=true", "--config.privacy.epsilon=4"]
 
 
-def _setup(*extra):
-  config = load_config(SYNTHETIC, [*TINY, *DP, *extra])
+def _setup(*extra, model="sharedbottom"):
+  config = load_config(SYNTHETIC, [*tiny(model), *DP, *extra])
   data = prepare(config, log=lambda *_: None)
   return loop.build(config, data, mesh_lib.make_mesh(config.mesh)), data
 
@@ -79,7 +79,7 @@ def _without(batch, rows):
 @pytest.fixture(scope="module")
 def star_setup():
   """STAR under DP: model.batch_norm=false makes its partitioned normalisation per example."""
-  return _setup("--config.model.name=star")
+  return _setup(model="star")
 
 
 @pytest.mark.parametrize("which", [
@@ -133,8 +133,7 @@ def test_star_normalises_each_example_alone(star_setup):
 
 @pytest.mark.slow  # ~90 s on 2 cores; CI covers the step (clipping bound) and the model above
 def test_star_trains_privately(tmp_path):
-  config = load_config(SYNTHETIC, [*TINY, *DP, "--config.model.name=star",
-                                   "--config.privacy.epsilon=8"])
+  config = load_config(SYNTHETIC, [*tiny("star"), *DP, "--config.privacy.epsilon=8"])
   results = loop.train(config, str(tmp_path / "run"), log=lambda *_: None)
   assert results["privacy"]["epsilon"] == pytest.approx(8, rel=1e-3)
   assert results["overall"]["auc"] > 0.6  # learns under noise (0.64 measured; random 0.5)
@@ -324,7 +323,7 @@ def test_batchnorm_and_bad_privacy_config_are_refused():
   with pytest.raises(ConfigError, match="model.batch_norm=false"):
     _setup("--config.model.batch_norm=true")
   with pytest.raises(ConfigError, match="STAR normalises each example"):
-    _setup("--config.model.name=star", "--config.model.batch_norm=true")
+    _setup("--config.model.batch_norm=true", model="star")
   with pytest.raises(ConfigError, match="exactly one of privacy.epsilon"):
     _setup("--config.privacy.noise_multiplier=1.0")
   with pytest.raises(ConfigError, match="privacy.unit"):

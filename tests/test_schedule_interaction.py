@@ -205,7 +205,8 @@ def test_dot_features_follow_the_user_embedding():
 def test_star_with_dot_interaction_builds_from_config():
   c = base_config().model
   assert c.interaction == "none"
-  c.update(name="star", hidden=(8, 4), aux_hidden=(4,), embed_dim=E, interaction="dot")
+  c.update(name="star", embed_dim=E, interaction="dot")
+  c.star.update(hidden=(8, 4), aux_hidden=(4,))
   model = build_model(c, SCHEMA)
   batch = _batch()
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))

@@ -14,13 +14,13 @@ from mscenario.models.embedding import stacked_ids
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.train import loop, sparse
 from mscenario.train.steps import weighted_bce
-from tests.helpers import SYNTHETIC, TINY
+from tests.helpers import SYNTHETIC, TINY, tiny
 
 
 def _setup(kind, lr=0.05):
-  config = load_config(SYNTHETIC, [*TINY, f"--config.train.embed_update={kind}",
-                                   f"--config.train.embed_learning_rate={lr}",
-                                   "--config.model.name=sharedbottom"])
+  config = load_config(SYNTHETIC, [*tiny("sharedbottom"),
+                                   f"--config.train.embed_update={kind}",
+                                   f"--config.train.embed_learning_rate={lr}"])
   data = prepare(config, log=lambda *_: None)
   mesh = mesh_lib.make_mesh(config.mesh)
   setup = loop.build(config, data, mesh)

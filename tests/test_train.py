@@ -17,7 +17,7 @@ import pytest
 from mscenario import cli
 from mscenario.config import load_config
 from mscenario.metrics import auc
-from tests.helpers import REPO, SYNTHETIC, TINY, run_cli
+from tests.helpers import REPO, SYNTHETIC, TINY, run_cli, tiny
 
 
 def _train(workdir, *extra):
@@ -146,9 +146,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 def test_diverging_loss_stops_with_clear_message(tmp_path):
-  done = run_cli(["train", "--config", SYNTHETIC, "--workdir", str(tmp_path / "nan"), *TINY,
-                  "--config.train.optimizer=sgd", "--config.train.learning_rate=1e308",
-                  "--config.train.log_every_steps=1", "--config.model.name=sharedbottom"])
+  done = run_cli(["train", "--config", SYNTHETIC, "--workdir", str(tmp_path / "nan"),
+                  *tiny("sharedbottom"), "--config.train.optimizer=sgd",
+                  "--config.train.learning_rate=1e308", "--config.train.log_every_steps=1"])
   assert done.returncode == 2, done.stderr[-2000:]
   assert "diverged" in done.stderr and "Traceback" not in done.stderr
 

@@ -23,7 +23,8 @@ from tests.helpers import SYNTHETIC
 SMALL = [
     "--config.data.synthetic.num_rows=4000", "--config.data.synthetic.num_users=200",
     "--config.data.synthetic.num_items=100", "--config.model.name=sharedbottom",
-    "--config.model.hidden=(16,)", "--config.model.tower_hidden=(8,)",
+    "--config.model.sharedbottom.hidden=(16,)",
+    "--config.model.sharedbottom.tower_hidden=(8,)",
     "--config.train.batch_size=256", "--config.train.eval_batch_size=1024",
     "--config.train.epochs=1", "--config.train.log_every_steps=5",
     "--config.data.reserve_fraction=0.1",

@@ -193,7 +193,7 @@ def open_run(config, workdir: str, mesh, *, log=print) -> RunParts:
   wd = workdir_lib.WorkDir(workdir)
   os.makedirs(wd.path, exist_ok=True)
   if wd.exists(workdir_lib.CONFIG):
-    check_resumable(wd.read_json(workdir_lib.CONFIG), config.to_dict())
+    check_resumable(config_lib.upgrade(wd.read_json(workdir_lib.CONFIG)), config.to_dict())
   if jax.process_index() != 0:
     log = lambda *_: None  # noqa: E731
   data = load_data(config, log)

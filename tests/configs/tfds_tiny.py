@@ -24,8 +24,8 @@ def get_config():
   d.label = ConfigDict({"field": "label", "rule": "binary"})
   c.model.name = "star"
   c.model.embed_dim = 8
-  c.model.hidden = (16,)
-  c.model.aux_hidden = (8,)
+  c.model.star.hidden = (16,)
+  c.model.star.aux_hidden = (8,)
   c.train.batch_size = 128
   c.train.eval_batch_size = 1024
   c.train.epochs = 1
