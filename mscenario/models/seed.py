@@ -54,10 +54,10 @@ class Seed(ScenarioModel):
                        ("item_features", self.item_features)):
       unknown = sorted(set(names) - known)
       if unknown:
-        raise ConfigError(f"model.{key}: unknown features {unknown} (known: {sorted(known)})")
+        raise ConfigError(f"model.seed.{key}: unknown features {unknown} (known: {sorted(known)})")
     both = sorted(set(self.user_features) & set(self.item_features))
     if both:
-      raise ConfigError(f"model.user_features and model.item_features both list {both}")
+      raise ConfigError(f"model.seed.user_features and .item_features both list {both}")
     user = (set(self.user_features) if self.user_features
             else {n for n in known if is_user_side(n)} - set(self.item_features))
     item = set(self.item_features) if self.item_features else known - user

@@ -126,7 +126,7 @@ class Star(ScenarioModel):
   def validate(self) -> None:
     if self.scenario_matmul not in ("grouped", "dense"):
       raise ConfigError(
-          f"model.scenario_matmul={self.scenario_matmul!r}: expected 'grouped' or 'dense'")
+          f"model.star.scenario_matmul={self.scenario_matmul!r}: expected 'grouped' or 'dense'")
 
   @nn.compact
   def __call__(self, batch: dict, train: bool = False) -> jax.Array:
