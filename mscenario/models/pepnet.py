@@ -62,7 +62,8 @@ class PEPNet(ScenarioModel):
     if wanted:
       unknown = sorted(set(wanted) - set(names))
       if unknown:
-        raise ConfigError(f"model.pepnet.prior_features: unknown features {unknown} (known: {names})")
+        raise ConfigError(f"model.pepnet.prior_features: unknown features {unknown} "
+                          f"(known: {names})")
       return np.asarray([names.index(n) for n in wanted], np.int32)
     by_name = [names.index(n) for n in ("user_id", "item_id") if n in names]
     if len(by_name) == 2:
