@@ -7,6 +7,10 @@ The scoring function is serialised with `jax.export` once per batch-size bucket,
 weights as *arguments* (not baked-in constants): the file stays small, and a later version
 with the same shapes is served by the executables already compiled for the previous one.
 Nothing is pickled: weights go to safetensors under flat 'a/b/c' names, everything else JSON.
+
+Length: one version's files (weights, functions, explanation, text, CF state) are written into
+one temporary directory and published by one rename; the helpers that fill it share that
+directory and its manifest.
 """
 from __future__ import annotations
 
