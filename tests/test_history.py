@@ -28,7 +28,6 @@ def test_history_matches_brute_force_and_never_leaks():
   ref = _brute(users, times, items, 5)
   # Same multiset per row: among equal timestamps the order is by row index in both.
   np.testing.assert_array_equal(h["hist_item"], ref)
-  item_time = {}
   for i in range(n):
     for k in range(5):
       if h["hist_item"][i, k]:
@@ -189,3 +188,14 @@ def test_export_of_a_history_model_is_a_clear_error(tmp_path):
   with pytest.raises(Exception, match="behaviour histories"):
     from mscenario.export import writer as export
     export.export(workdir, str(tmp_path / "out"))
+  # Scoring raw rows says why not (the history comes from the run's event log), for predict
+  # and for explain --input alike, instead of failing inside the checkpoint restore.
+  import mscenario as ms
+  from mscenario.errors import MscenarioError
+  rows = tmp_path / "rows.csv"
+  rows.write_text("user_id,item_id,scenario\n1,2,feed\n")
+  run = ms.Run.open(workdir)
+  with pytest.raises(MscenarioError, match="behaviour histories"):
+    run.predict(str(rows))
+  with pytest.raises(MscenarioError, match="behaviour histories"):
+    run.explain(input=str(rows))

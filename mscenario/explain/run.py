@@ -14,7 +14,7 @@ from mscenario.explain.attribute import Explainer
 from mscenario.parallel import mesh as mesh_lib
 from mscenario.text.tables import new_item_text_vectors
 from mscenario.train import loop
-from mscenario.train.evaluate import _text_tables
+from mscenario.train.evaluate import _text_tables, require_raw_rows_scorable
 from mscenario.train.workdir import CONFIG, WorkDir
 
 
@@ -54,6 +54,7 @@ def _input_rows(run: Run, workdir: str, input_path: str):
   get their text vector from their raw fields, as `predict` scores them)."""
   if not os.path.isfile(input_path):
     raise MscenarioError(f"--input {input_path}: no such file")
+  require_raw_rows_scorable(run.config, f"explain --input {input_path}")
   cfg = run.config.copy_and_resolve_references()
   cfg.data.source = "table"
   cfg.data.table.train, cfg.data.table.valid, cfg.data.table.test = input_path, "", ""

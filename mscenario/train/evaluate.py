@@ -37,6 +37,20 @@ def _text_tables(config, workdir: str, data):
                            data.schema.item_vocab_size)
 
 
+def require_raw_rows_scorable(config, what: str) -> None:
+  """Raw input rows (predict, explain --input) carry no behaviour history: a row's history is
+  built from the run's whole event log in data preparation (data/history.py), which input
+  rows are not part of. Say so instead of failing inside the model restore."""
+  length = int(config.data.get("history", {}).get("length", 0) or 0)
+  if length > 0:
+    raise MscenarioError(
+        f"{what}: this run's model reads behaviour histories (data.history.length={length}), "
+        "which are built from the run's event log in data preparation, not from raw input "
+        "rows; scoring raw rows is not supported for such models yet. Evaluate its splits "
+        "with `mscenario eval` / `mscenario explain --split`, or train without "
+        "data.history for a model that scores raw rows")
+
+
 def evaluate_workdir(config, workdir: str, split: str = "test", *, report: bool = True,
                      checkpoint: str = "best") -> dict:
   """Metrics of the best (or latest) checkpoint on `split`; with `report`, also
@@ -69,6 +83,7 @@ def score_file(config, workdir: str, input_path: str, checkpoint: str = "best") 
   neither the training data nor its cache is needed; items new to the model are scored from
   their own text when the run has text features.
   """
+  require_raw_rows_scorable(config, f"predict {input_path}")
   transform = workdir_lib.WorkDir(workdir).read_transform()
   cfg = config.copy_and_resolve_references()
   cfg.data.source = "table"

@@ -110,7 +110,6 @@ def _data_source(builder, split: str):
     return builder.as_data_source(split=split,
                                   deserialize_method=decode.DeserializeMethod.RAW_BYTES)
   except (ValueError, NotImplementedError) as e:
-    known = list(builder.info.splits)
     if "split" in str(e).lower():
       raise ConfigError(_split_message(e, builder)) from None
     raise DataError(f"cannot read {builder.name!r} with random access: "
