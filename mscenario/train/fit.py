@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from mscenario import config as config_lib
 from mscenario.data import pipeline
 from mscenario.errors import ConfigError, MscenarioError
 from mscenario.flat import flatten
@@ -119,6 +120,14 @@ class Logger:
       self.tb.close()
 
 
+def hparams_of(config) -> dict:
+  """model.*, train.* and seed as TensorBoard HParams values, as config.json records them:
+  the selected model's subtree only, not every model's defaults."""
+  flat = flatten(json.loads(config_lib.to_json(config)), sep=".")
+  return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+          for k, v in flat.items() if k.split(".")[0] in ("model", "train", "seed")}
+
+
 def write_hparams(wd: workdir_lib.WorkDir, config, results: dict) -> None:
   """The run's hyperparameters beside its final metrics in TensorBoard's HParams view, so
   runs of a sweep can be compared there (process 0; skipped without tensorboardX)."""
@@ -128,10 +137,7 @@ def write_hparams(wd: workdir_lib.WorkDir, config, results: dict) -> None:
     from tensorboardX import SummaryWriter
   except ImportError:
     return
-  flat = flatten(json.loads(json.dumps(config.to_dict(), default=str)), sep=".")
-  hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-             for k, v in flat.items()
-             if k.split(".")[0] in ("model", "train", "seed")}
+  hparams = hparams_of(config)
   metrics = {"hparams/test_auc": results["overall"]["auc"],
              "hparams/test_logloss": results["overall"]["logloss"],
              "hparams/best_valid_auc": results.get("valid_auc") or float("nan")}
