@@ -184,6 +184,6 @@ def test_tensorboard_hparams_name_only_the_selected_model():
   from mscenario.train.fit import hparams_of
   config = config_lib.load_config(os.path.join(REPO, "configs", "ml1m_mmoe.py"))
   hp = hparams_of(config)
-  assert hp["model.mmoe.expert_hidden"] == str(config.model.mmoe.expert_hidden)
+  assert hp["model.mmoe.expert_hidden"] == str(list(config.model.mmoe.expert_hidden))
   assert not [k for k in hp if k.startswith(("model.ple.", "model.star."))]
   assert hp["model.name"] == "mmoe" and "train.learning_rate" in hp and "seed" in hp
