@@ -3,6 +3,9 @@
 
 `base_config()` lists every key the trainer reads, with defaults, so a config file only says
 what differs and a typo in an override is an error instead of a silently ignored key.
+
+Length: the schema is one list of every key with its default and a comment saying what it
+does (most of the file); loading, overrides and the model-subtree checks read that list.
 """
 from __future__ import annotations
 
