@@ -4,6 +4,7 @@ on, and is refused clearly where the data has no raw feedback. Sweeps run it, an
 whose replicas share one split writes their ensemble's test metrics (train/sweep.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -116,6 +117,11 @@ def test_aux_loss_changes_the_gradient_and_learns(world, kind):
   assert sorted(np.unique(stars).tolist()) == [1, 2, 3, 4, 5]
   np.testing.assert_array_equal(np.asarray(data.arrays["label"]), (stars > 3).astype(
       data.arrays["label"].dtype))
+  # Rows without stars (predict, export) rebuild the same head from the recorded levels.
+  assert data.transform.state["feedback_levels"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+  scoring = dataclasses.replace(data, arrays={k: v for k, v in data.arrays.items()
+                                              if k != "feedback"})
+  assert aux_lib.make_plan(on.config, scoring, on.model).key == on.aux.key
   batch = _batch(data)
   # Same initial model (the head's init takes its own key), different first update.
   init_off, init_on = off.create_state(), on.create_state()

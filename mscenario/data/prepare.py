@@ -119,7 +119,7 @@ def fingerprint(data_cfg, seed: int | None = None, feedback: bool = False) -> st
   h = hashlib.blake2b(digest_size=16)
   key = {"version": PREP_VERSION, "config": cfg}
   if feedback:  # the raw label column is kept (wants_feedback); off: caches stay valid
-    key["feedback"] = True
+    key["feedback"] = 2  # 2: its training levels are in transform.json
   if seed is not None and data_cfg.split.kind == "random":
     key["split_seed"] = int(seed)
   h.update(json.dumps(key, sort_keys=True, default=str).encode())
@@ -300,6 +300,9 @@ def prepare(config, *, log=print, force: bool = False) -> PreparedData:
       raise DataError(f"split '{s}' is empty after preparation (split kind "
                       f"'{data_cfg.split.kind}', ratios {tuple(data_cfg.split.ratios)}, "
                       f"{int(keep.sum())} rows)")
+  if keep_feedback:  # what the aux head's shape needs where rows carry no stars (predict)
+    transform.state["feedback_levels"] = np.unique(
+        arrays["feedback"][splits["train"]]).astype(float).tolist()
   extras = {}
   cf_cfg = data_cfg.get("collaborative", None)
   if cf_cfg is not None and cf_cfg.get("enabled", False):

@@ -84,14 +84,21 @@ def make_plan(config, data, model) -> AuxPlan | None:
   if config.privacy.enabled:
     raise ConfigError("train.aux_rating is not supported with privacy.enabled (the private "
                       "step clips one loss per example); set --config.train.aux_rating.weight=0")
-  if "feedback" not in data.arrays:
+  # Rows to train on carry the raw values; rows to score (predict, export) do not, and the
+  # head's shape then comes from the training levels the transform recorded.
+  train_values = None
+  if "feedback" in data.arrays:
+    train_values = np.asarray(data.arrays["feedback"][np.asarray(data.splits["train"])])
+    levels = tuple(float(v) for v in np.unique(train_values))
+  elif data.transform.state.get("feedback_levels"):
+    levels = tuple(float(v) for v in data.transform.state["feedback_levels"])
+  else:
     raise ConfigError(
         "train.aux_rating needs the raw label values, but this prepared data has no "
-        f"'feedback' column ({data.path}): prepare it with train.aux_rating.weight > 0 "
-        f"(the label field data.label.field='{config.data.label.field}' must be numeric, "
-        "e.g. MovieLens stars), or set --config.train.aux_rating.weight=0")
-  train_values = np.asarray(data.arrays["feedback"][np.asarray(data.splits["train"])])
-  levels = tuple(float(v) for v in np.unique(train_values))
+        f"'feedback' column ({data.path or 'rows given'}): prepare it with "
+        f"train.aux_rating.weight > 0 (the label field data.label.field="
+        f"'{config.data.label.field}' must be numeric, e.g. MovieLens stars), or set "
+        "--config.train.aux_rating.weight=0")
   if len(levels) < 2:
     raise ConfigError(f"train.aux_rating: the training rows' feedback holds one value "
                       f"{levels}; nothing to predict")
@@ -102,8 +109,10 @@ def make_plan(config, data, model) -> AuxPlan | None:
       raise ConfigError(f"train.aux_rating.kind='ordinal': the feedback has {len(levels)} "
                         f"distinct values (at most {MAX_LEVELS}); use kind='regression'")
     cuts = len(levels) - 1
-    # Thresholds start at the training marginals' logits: P(r > level_k).
-    above = np.array([(train_values > v).mean() for v in levels[:-1]])
+    # Thresholds start at the training marginals' logits: P(r > level_k) (zeros where only
+    # the shape matters: a restored run).
+    above = (np.array([(train_values > v).mean() for v in levels[:-1]])
+             if train_values is not None else np.full(cuts, 0.5))
     above = np.clip(above, 1e-4, 1 - 1e-4)
     init = tuple(float(v) for v in np.log(above / (1 - above)))
   base = data_schema(model.schema)
@@ -155,6 +164,10 @@ def captured_embeddings(intermediates: dict) -> jax.Array:
 
 def loss(plan: AuxPlan, head_params, emb: jax.Array, batch: dict) -> jax.Array:
   """Weighted mean aux loss of a batch (rows with weight 0, i.e. padding, do not count)."""
+  if "feedback" not in batch:
+    raise ConfigError("train.aux_rating: the rows being trained on carry no raw label values "
+                      "(e.g. `mscenario update` events: updates with the aux objective are "
+                      "not supported); train with --config.train.aux_rating.weight=0")
   x = jnp.concatenate([emb.reshape(emb.shape[0], -1).astype(jnp.float32),
                        batch["dense"].astype(jnp.float32)], axis=1)
   out = plan.head.apply({"params": head_params}, x).astype(jnp.float32)
