@@ -31,11 +31,16 @@ The mechanism, step by step (one step = one Poisson-sampled batch):
     so that the total is the requested delta, and a config whose eta does not fit is refused.
 The guarantee covers the trained parameters (checkpoints, exports). The training loss and
 gradient norm written to metrics.jsonl are computed without noise and are not covered.
+
+Length: sampling, per-unit clipping, row selection and accounting are one mechanism whose
+guarantee depends on each part matching what the accountant assumes; they are kept in view
+together.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import logging
 import math
 
@@ -336,8 +341,7 @@ def summary_line(block: dict) -> str:
 
 
 def _version() -> str:
-  from importlib.metadata import version
-  return version("dp-accounting")
+  return importlib.metadata.version("dp-accounting")
 
 
 # ---------------------------------------------------------------------------- sampling
