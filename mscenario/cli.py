@@ -56,11 +56,20 @@ def _preempted_early(signum, frame):
 
 def cmd_train(args, overrides):
   # Until the trainer installs its own handler (which saves at the next step boundary), a
-  # SIGTERM ends start-up with the same message style and exit status as a preemption.
+  # SIGTERM ends start-up with the same message style and exit status as a preemption. While
+  # the training stack is imported it is only noted: an exception raised inside a module's
+  # initialisation (flax's class creation, jaxlib's native init) surfaces as a different
+  # error (exit 1) or aborts the process; once the imports are done it is raised at once.
+  noted = []
   main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _preempted_early) if main_thread else None
+  previous = (signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+              if main_thread else None)
   try:
     from mscenario.api import train
+    if main_thread:
+      signal.signal(signal.SIGTERM, _preempted_early)
+    if noted:
+      _preempted_early(signal.SIGTERM, None)
     config = _load_config(args, overrides)
     train(config, args.workdir)
   finally:
