@@ -428,12 +428,16 @@ def _assert_close_per_leaf(a, b, rtol=1e-5):
 
 @pytest.mark.parametrize("name,overrides", [
     ("sharedbottom", {}),
-    ("sharedbottom", {"tower_hidden": (6, 5), "batch_norm": False}),
+    # Slow (MSCENARIO_SLOW=1), covered in CI by other cases of the same code: multi-layer and
+    # BatchNorm-free StackedMLP towers (the MMoE cases), PLE's BatchNorm experts (the same
+    # StackedMLP as MMoE's default case) and its gating (the 3-layer PLE case).
+    pytest.param("sharedbottom", {"tower_hidden": (6, 5), "batch_norm": False},
+                 marks=pytest.mark.slow),
     # Slow (MSCENARIO_SLOW=1): covered in CI by the default and multi-layer cases.
     pytest.param("mmoe", {"num_experts": 3}, marks=pytest.mark.slow),
     ("mmoe", {"expert_hidden": (8, 6), "tower_hidden": (5, 3)}),
     ("mmoe", {"batch_norm": False}),
-    ("ple", {}),
+    pytest.param("ple", {}, marks=pytest.mark.slow),
     pytest.param("ple", {"specific_experts": 2, "shared_experts": 1, "ple_layers": 2},
                  marks=pytest.mark.slow),
     ("ple", {"specific_experts": 2, "ple_layers": 3, "expert_hidden": (8, 6),
