@@ -201,3 +201,19 @@ def test_sweep_with_aux_on_one_split_writes_the_ensemble(tmp_path):
   assert summary["ensemble"]["members"] == 2
   np.testing.assert_allclose(summary["ensemble"]["overall"]["auc"],
                              roc_auc_score(labels, np.mean(probs, axis=0)), atol=1e-6)
+
+
+def test_update_continues_an_aux_run_on_new_events(tmp_path):
+  """`update` of a run trained with the aux objective trains on the events' stars too."""
+  from mscenario.train import loop
+  from mscenario.train import update as update_lib
+  _write_ratings(tmp_path / "r.csv")
+  cfg = _config(tmp_path, LR, "--config.train.aux_rating.weight=0.5",
+                "--config.train.epochs=1", "--config.data.reserve_fraction=0.1",
+                "--config.train.batch_size=256", "--config.train.eval_batch_size=1024")
+  workdir = str(tmp_path / "run")
+  loop.train(cfg, workdir, log=QUIET)
+  _write_ratings(tmp_path / "new.csv", n=600, seed=1)
+  table = update_lib.read_events(cfg, str(tmp_path / "new.csv"))
+  rec = update_lib.update_table(workdir, table, log=QUIET)
+  assert rec["step_to"] > rec["step_from"] and np.isfinite(rec["loss"]).all()

@@ -333,9 +333,12 @@ def wants_feedback(config) -> bool:
   return bool(aux is not None and float(aux.get("weight", 0.0)) > 0)
 
 
-def raw_feedback(table, keep: np.ndarray, label_field: str) -> np.ndarray:
+def raw_feedback(table, keep: np.ndarray, label_field: str,
+                 need_levels: bool = True) -> np.ndarray:
   """The label field's raw values (e.g. 1-5 stars) of the kept rows, float32: what
-  train.aux_rating predicts. A binary or text label field has nothing finer to offer."""
+  train.aux_rating predicts. A binary or text label field has nothing finer to offer
+  (`need_levels=False` for a few new events, e.g. an update's, that may happen to hold only
+  two of the levels the training rows had)."""
   raw = table.columns.get(label_field)
   if raw is None or np.asarray(raw).dtype.kind not in "fiu":
     raise ConfigError(f"train.aux_rating needs numeric raw feedback in the label field "
@@ -346,7 +349,7 @@ def raw_feedback(table, keep: np.ndarray, label_field: str) -> np.ndarray:
   if not np.isfinite(values).all():
     raise DataError(f"train.aux_rating: the label field '{label_field}' has "
                     f"{int((~np.isfinite(values)).sum())} missing or non-finite values")
-  if np.unique(values).size < 3:
+  if need_levels and np.unique(values).size < 3:
     raise ConfigError(f"train.aux_rating: the label field '{label_field}' holds only "
                       f"{np.unique(values).tolist()}: no finer signal than the binary label. "
                       "Set --config.train.aux_rating.weight=0")

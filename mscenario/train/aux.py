@@ -166,8 +166,7 @@ def loss(plan: AuxPlan, head_params, emb: jax.Array, batch: dict) -> jax.Array:
   """Weighted mean aux loss of a batch (rows with weight 0, i.e. padding, do not count)."""
   if "feedback" not in batch:
     raise ConfigError("train.aux_rating: the rows being trained on carry no raw label values "
-                      "(e.g. `mscenario update` events: updates with the aux objective are "
-                      "not supported); train with --config.train.aux_rating.weight=0")
+                      "(the 'feedback' column); train with --config.train.aux_rating.weight=0")
   x = jnp.concatenate([emb.reshape(emb.shape[0], -1).astype(jnp.float32),
                        batch["dense"].astype(jnp.float32)], axis=1)
   out = plan.head.apply({"params": head_params}, x).astype(jnp.float32)

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from mscenario.data import pipeline
-from mscenario.data.prepare import PreparedData
+from mscenario.data.prepare import PreparedData, raw_feedback, wants_feedback
 from mscenario.data.sources import load_source
 from mscenario.errors import ConfigError, MscenarioError
 from mscenario.metrics.plots import read_jsonl
@@ -123,6 +123,9 @@ def update_table(workdir: str, table, *, config=None, transform=None,
   growth = transform.grow(table, index)
   cf_state = add_cf_columns(workdir, transform, table)  # cf_* from the state before the events
   arrays, keep_rows, skipped = transform.apply(table, on_error=config.data.on_error)
+  if wants_feedback(config):  # train.aux_rating: the events' raw label values (their stars)
+    arrays["feedback"] = raw_feedback(table, keep_rows, config.data.label.field,
+                                      need_levels=False)
   n = len(arrays["label"])
   if n == 0:
     raise MscenarioError(f"{source or 'the new events'}: no rows to train on"
