@@ -353,6 +353,7 @@ def base_config() -> ConfigDict:
   c.privacy.selection_threshold = 0.0  # noisy-count threshold; 0 = ~10 untouched rows/step
   c.privacy.max_false_positives = 0  # cap on selected untouched rows per step; 0 = auto
   c.privacy.microbatch = 0         # units per vmap chunk of per-unit gradients; 0 = auto
+  c.privacy.clipping = "ghost"     # ghost (norms, then weighted-loss gradient) | vmap
 
   # ---- vectorised sweeps (train/sweep.py) ---------------------------------------------------
   # `--config.sweep.seed=2022,2023,2024`: one replica per seed (its own split, init, batch

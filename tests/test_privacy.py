@@ -243,6 +243,43 @@ def test_noise_zero_and_infinite_clip_is_the_ordinary_step():
                            np.asarray(jax.tree_util.tree_leaves(a.params)[0]))
 
 
+GHOST_CASES = [
+    ("mmoe", ()), ("star", ()), ("m2m", ()),  # stacked copies; non-linear-layer params; tokens
+    ("mmoe", ("--config.privacy.unit=user", "--config.privacy.max_examples_per_user=4")),
+    *[pytest.param(m, (), marks=pytest.mark.slow)
+      for m in ("sharedbottom", "ple", "seed", "pepnet", "adasparse", "sarnet")]]
+
+
+@pytest.mark.parametrize("model,extra", GHOST_CASES)
+def test_ghost_norms_equal_materialised_per_unit_gradients(model, extra):
+  """privacy.clipping=ghost (norms from layer inputs and output gradients, then one
+  gradient of the clip-weighted loss) gives the per-unit norms, clipped dense sum and
+  clipped row gradients of the reference that materialises every unit's gradient."""
+  setup, data = _setup(*extra, model=model)
+  state = setup.create_state()
+  batch = _batch(data, 64)
+  k = setup.privacy.rows_per_unit
+  params = privacy._without_table(state.params)
+  table = state.params["embedding"]["table"]
+  ids = batch_ids(data.schema, batch)
+  fns = {method: jax.jit(functools.partial(
+      lambda params, rows, batch, ids, clip, method: privacy.clipped_unit_grads(
+          setup.model, state.model_state, params, rows, batch, ids, state.rng, clip, k, 0,
+          method), method=method)) for method in ("vmap", "ghost")}
+  args = (params, table[ids], batch, ids)
+  clip = float(np.median(np.asarray(fns["vmap"](*args, jnp.inf)[2])))  # half are clipped
+  (dv, rv, nv, lv, _), (dg, rg, ng, lg, _) = (fns[m](*args, clip) for m in ("vmap", "ghost"))
+  np.testing.assert_allclose(np.asarray(ng), np.asarray(nv), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lg), np.asarray(lv), rtol=1e-6)
+  # One tolerance for the whole sum: some leaves' exact gradient is 0 (e.g. a bias in front
+  # of a softmax, which is shift-invariant) and holds only summation-order rounding noise.
+  scale = max(float(np.abs(np.asarray(b)).max()) for b in jax.tree_util.tree_leaves(dv))
+  for a, b in zip(jax.tree_util.tree_leaves(dg), jax.tree_util.tree_leaves(dv)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(np.asarray(rg), np.asarray(rv), rtol=0,
+                             atol=1e-5 * float(np.abs(np.asarray(rv)).max()))
+
+
 def test_calibrated_noise_is_dp_accountings(dense_setup):
   setup, _ = dense_setup
   plan = setup.privacy
@@ -290,7 +327,7 @@ def test_row_selection_probabilities():
       clip_norm=1.0, embed_noise="sparse", selection_noise_multiplier=sigma_1,
       selection_clip=1.0, selection_threshold=tau, false_positive_prob=fp,
       max_false_positives=int(stats.binom.isf(1e-12, r, fp)) + 1, table_rows=r,
-      delta=1e-5, target_epsilon=0.0, microbatch=0)
+      selection_over_table=False, delta=1e-5, target_epsilon=0.0, microbatch=0)
   # Two examples of 3 rows each; row 7 is shared. Counts: 1/sqrt(3) per example and row.
   ids = jnp.asarray([[7, 100, 200], [7, 300, 301]], jnp.int32)
   uniq, inv = sparse.unique_rows(ids, r)
@@ -317,6 +354,31 @@ def test_row_selection_probabilities():
     hits = (touched == row).sum()
     z = (hits - draws * p) / math.sqrt(draws * p * (1 - p))
     assert abs(z) < 4, (row, hits, draws * p)
+  # A table no larger than a step's ids: the same events drawn over every row (no cap).
+  table_counts = privacy.selection_counts(ids, jnp.ones(2), 1, 1.0, ids, r)
+  assert float(table_counts[7]) == pytest.approx(2 * c1)
+  assert float(table_counts.sum()) == pytest.approx(6 * c1)
+  chosen = np.asarray(jax.jit(jax.vmap(
+      lambda k: privacy.select_table_rows(k, table_counts, plan)))(keys))
+  untouched = np.setdiff1d(np.arange(r), list(touched_set))
+  fp_hits, trials = chosen[:, untouched].sum(), draws * len(untouched)
+  z = (fp_hits - trials * fp) / math.sqrt(trials * fp * (1 - fp))
+  assert abs(z) < 4, (fp_hits, trials * fp)
+  for row, count in ((7, 2 * c1), (100, c1)):
+    p = float(stats.norm.sf((tau - count) / sigma_1))
+    z = (chosen[:, row].sum() - draws * p) / math.sqrt(draws * p * (1 - p))
+    assert abs(z) < 4, (row, chosen[:, row].sum(), draws * p)
+
+
+def test_false_positive_cap_is_the_binomial_tail():
+  """The auto cap on selected untouched rows: the smallest whose binomial tail per step is
+  below 1e-18 (scipy's isf gives the whole table there, which made every step scatter a
+  table-sized block of zero rows)."""
+  cfg = load_config(SYNTHETIC, [*DP]).privacy
+  for rows in (13_312, 10 ** 6, 10 ** 8):
+    fp_prob, threshold, cap = privacy._selection(cfg, 2.0, rows)
+    assert stats.binom.sf(cap, rows, fp_prob) <= 1e-18 < stats.binom.sf(cap - 1, rows, fp_prob)
+    assert cap < 100, (rows, cap)
 
 
 def test_batchnorm_and_bad_privacy_config_are_refused():

@@ -49,15 +49,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from scipy import stats
 
 from mscenario.data import pipeline
 from mscenario.errors import ConfigError
 from mscenario.models.embedding import batch_ids
-from mscenario.train import sparse
+from mscenario.models.fusion import route_scenarios
+from mscenario.train import aux as aux_lib
+from mscenario.train import ghost, sparse
 from mscenario.train.steps import TrainState, _apply, drop_item_ids
 
 UNITS = ("example", "user")
+CLIPPING = ("ghost", "vmap")
 EMBED_NOISE = ("sparse", "dense")
 # Part of delta reserved for the truncation events (batch overflow, false-positive cap).
 TRUNCATION_SHARE = 0.01
@@ -84,9 +88,12 @@ class Plan:
   false_positive_prob: float
   max_false_positives: int
   table_rows: int
+  selection_over_table: bool  # the table has no more rows than a step has ids: select
+                              # over every row (no cap, no truncation); else over the unique ids
   delta: float              # the run's total delta
   target_epsilon: float     # 0 when the noise multiplier was given
   microbatch: int
+  clipping: str = "ghost"
 
   @property
   def total_steps(self) -> int:
@@ -96,7 +103,8 @@ class Plan:
     """eta: P(any step's sample overflows the batch or its false positives the cap)."""
     over = stats.binom.sf(self.physical_units, self.num_units, self.sampling_prob)
     fp = 0.0
-    if self.embed_noise == "sparse" and self.false_positive_prob > 0:
+    if (self.embed_noise == "sparse" and self.false_positive_prob > 0
+        and not self.selection_over_table):
       fp = stats.binom.sf(self.max_false_positives, self.table_rows, self.false_positive_prob)
     return float(steps * (over + fp))
 
@@ -183,6 +191,10 @@ def check_config(p) -> None:
   if not p.selection_clip > 0 or p.selection_noise_ratio < 0:
     raise ConfigError("privacy.selection_clip must be > 0 and privacy.selection_noise_ratio "
                       ">= 0")
+  if p.clipping not in CLIPPING:
+    raise ConfigError(f"privacy.clipping={p.clipping!r}: expected 'ghost' (per-unit norms, "
+                      "then the gradient of the clip-weighted loss) or 'vmap' (per-unit "
+                      "gradients materialised, the reference)")
   if p.microbatch < 0:
     raise ConfigError(f"privacy.microbatch={p.microbatch}: expected >= 1 (0 = auto)")
 
@@ -236,6 +248,9 @@ def make_plan(config, data, model_state=None) -> Plan:
   steps_per_epoch = max(1, math.ceil(len(train_rows) / (expected * rows_per_step_per_unit)))
   delta = p.delta if p.delta > 0 else 1.0 / n
   table_rows = int(data.schema.table_rows)
+  ids_per_row = int(batch_ids(data.schema, {key: np.asarray(v[:1]) for key, v in
+                                            data.arrays.items()}).shape[1])
+  over_table = table_rows <= tc.batch_size * ids_per_row
   sparse_rows = p.embed_noise == "sparse"
   ratio = float(p.selection_noise_ratio) if sparse_rows else 0.0
   steps = steps_per_epoch * tc.epochs
@@ -246,6 +261,7 @@ def make_plan(config, data, model_state=None) -> Plan:
   sigma_1 = ratio * sigma
   if sparse_rows:
     fp_prob, threshold, cap = _selection(p, sigma_1, table_rows)
+    cap = 0 if over_table else cap
   else:
     fp_prob, threshold, cap = 0.0, 0.0, 0
   plan = Plan(unit=p.unit, num_units=n, rows_per_unit=k, physical_units=physical,
@@ -255,7 +271,8 @@ def make_plan(config, data, model_state=None) -> Plan:
               embed_noise=p.embed_noise, selection_noise_multiplier=sigma_1,
               selection_clip=float(p.selection_clip), selection_threshold=threshold,
               false_positive_prob=fp_prob, max_false_positives=cap, table_rows=table_rows,
-              delta=delta, target_epsilon=float(p.epsilon), microbatch=int(p.microbatch))
+              selection_over_table=over_table, delta=delta, target_epsilon=float(p.epsilon), microbatch=int(p.microbatch),
+              clipping=p.clipping)
   eps = spent_epsilon(plan, steps)
   slack = (1 + math.exp(min(eps, 700.0))) * plan.truncation_prob(steps)
   if p.epsilon > 0 and slack > delta * TRUNCATION_SHARE:
@@ -293,11 +310,14 @@ def _selection(p, sigma_1: float, table_rows: int) -> tuple[float, float, int]:
     threshold = scale * float(stats.norm.isf(min(0.5, 10.0 / table_rows)))
   fp_prob = float(stats.norm.sf(threshold / scale)) if scale > 0 else 0.0
   cap = int(p.max_false_positives)
-  if cap <= 0:  # auto: the binomial tail beyond the cap below 1e-18 per step
-    mean = table_rows * fp_prob
-    cap = int(stats.binom.isf(1e-18, table_rows, fp_prob)) + 1 if fp_prob > 0 else 0
-    cap = max(cap, int(math.ceil(mean)) + 1 if fp_prob > 0 else 0)
-  return fp_prob, threshold, cap
+  if cap <= 0 and fp_prob > 0:  # auto: the smallest cap whose binomial tail is below 1e-18
+    # (scipy's binom.isf returns n below ~1e-17; its sf stays accurate far beyond)
+    lo, hi = int(math.ceil(table_rows * fp_prob)), table_rows
+    while lo < hi:
+      mid = (lo + hi) // 2
+      lo, hi = (lo, mid) if stats.binom.sf(mid, table_rows, fp_prob) <= 1e-18 else (mid + 1, hi)
+    cap = max(lo, 1)
+  return fp_prob, threshold, max(cap, 0)
 
 
 def report(plan: Plan, steps_run: int) -> dict:
@@ -413,11 +433,16 @@ def _unstrided(x):
 
 
 def clipped_unit_grads(model, model_state, params, rows, batch, ids, rng, clip_norm,
-                       rows_per_unit: int, microbatch: int):
+                       rows_per_unit: int, microbatch: int, method: str = "ghost"):
   """Per-unit gradients of each unit's mean loss w.r.t. (params, its own rows), each unit's
   clipped to `clip_norm` (a table row a unit touches twice counts once, with its gradients
   summed). Returns (sum of clipped dense grads, clipped row grads per position [B, P, E],
-  per-unit norms [G], per-unit losses [G], unit valid mask [G])."""
+  per-unit norms [G], per-unit losses [G], unit valid mask [G]).
+
+  method='vmap' (the reference): per-unit gradients of every parameter by `jax.vmap`,
+  clipped and summed. method='ghost': pass 1 computes only each unit's norm (ghost norms for
+  the linear layers, train/ghost.py; vmapped gradients for the rest), pass 2 differentiates
+  the clip-weighted sum of the units' losses, whose gradient is the clipped sum itself."""
   b_rows, p = ids.shape
   k = rows_per_unit
   g = b_rows // k
@@ -426,47 +451,113 @@ def clipped_unit_grads(model, model_state, params, rows, batch, ids, rng, clip_n
   ur, ui = unit(rows), ids.reshape(g, k * p)
   valid_pos = jnp.repeat(ub["weight"] > 0, p, axis=1)  # [G, k*P]
   keys = jax.random.split(jax.random.fold_in(rng, 0xC1), g)
+  valid_unit = jnp.any(ub["weight"] > 0, axis=1)
 
-  def unit_loss(prm, r, b, key):
-    logits, _ = _apply(model, prm, model_state, {**b, "embedding_rows": r}, True, key)
+  def mean_loss(logits, b):
     per_row = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), b["label"])
     return jnp.sum(per_row * b["weight"]) / jnp.maximum(jnp.sum(b["weight"]), 1.0)
 
-  grad_fn = jax.vmap(jax.value_and_grad(unit_loss, argnums=(0, 1)), in_axes=(None, 0, 0, 0))
-  if microbatch <= 0:  # auto: per-unit gradients of one chunk within ~2^25 floats (128 MB)
-    per_unit = sum(x.size for x in jax.tree_util.tree_leaves(params)) + rows[0].size * k
-    microbatch = max(1, (1 << 25) // per_unit)
-  chunks = max(1, g // max(1, min(microbatch, g)))
-  while g % chunks:
-    chunks += 1
+  def unit_loss(prm, r, b, key):
+    logits, _ = _apply(model, prm, model_state, {**b, "embedding_rows": r}, True, key)
+    return mean_loss(logits, b)
 
-  def body(acc, xs):
-    b, r, uid, vp, key = xs
-    loss, (gd, gr) = grad_fn(params, r, b, key)
+  def row_sq(gr, uid, vp):
+    """Per unit: squared norm of its row gradients, a row touched twice counted once."""
     c = uid.shape[0]
     gr = gr.reshape(c, k * p, -1)
     same = (uid[:, :, None] == uid[:, None, :]) & vp[:, None, :]
     per_row = jnp.einsum("cij,cje->cie", same.astype(gr.dtype), gr)  # row totals per unit
     first = vp & ~jnp.any(jnp.tril(same, -1), axis=2)
-    sq = jnp.sum(jnp.where(first[..., None], per_row * per_row, 0.0), axis=(1, 2))
-    sq = sq + sum(jnp.sum(x.reshape(c, -1) ** 2, axis=1) for x in jax.tree_util.tree_leaves(gd))
-    norm = jnp.sqrt(sq)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
-    acc = jax.tree_util.tree_map(lambda a, x: a + jnp.tensordot(scale, x, axes=1), acc, gd)
-    return acc, (gr * scale[:, None, None], norm, loss)
+    return jnp.sum(jnp.where(first[..., None], per_row * per_row, 0.0), axis=(1, 2))
 
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  def leaf_sq(tree, c):
+    return sum((jnp.sum(x.reshape(c, -1) ** 2, axis=1) for x in jax.tree_util.tree_leaves(tree)),
+               jnp.zeros((c,), jnp.float32))
+
+  flat = traverse_util.flatten_dict(params) if params else {}
+  covered = set()
+  if method == "ghost":
+    b0, r0 = jax.tree_util.tree_map(lambda x: x[0], ub), ur[0]
+    probe = jax.eval_shape(lambda: _ghost_apply(model, model_state, params, r0, b0, keys[0]))
+    covered = ghost.covered_params(probe[1][ghost.INPUTS]) & set(flat)
+    zero_perturbations = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                probe[1][ghost.OUTPUTS])
+  fixed = {key: v for key, v in flat.items() if key in covered}
+  rest = {key: v for key, v in flat.items() if key not in covered}
+
+  if microbatch <= 0:  # auto: per-unit gradients of one chunk within ~2^25 floats (128 MB)
+    per_unit = sum(x.size for x in rest.values()) + rows[0].size * k
+    microbatch = max(1, (1 << 25) // per_unit)
+  chunks = max(1, g // max(1, min(microbatch, g)))
+  while g % chunks:
+    chunks += 1
   xs = jax.tree_util.tree_map(lambda x: _strided(x, chunks), (ub, ur, ui, valid_pos, keys))
-  dense, (row_grads, norms, losses) = jax.lax.scan(body, zeros, xs)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+  if method == "vmap":
+    grad_fn = jax.vmap(jax.value_and_grad(unit_loss, argnums=(0, 1)), in_axes=(None, 0, 0, 0))
+
+    def body(acc, xs):
+      b, r, uid, vp, key = xs
+      loss, (gd, gr) = grad_fn(params, r, b, key)
+      c = uid.shape[0]
+      norm = jnp.sqrt(row_sq(gr, uid, vp) + leaf_sq(gd, c))
+      scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
+      acc = jax.tree_util.tree_map(lambda a, x: a + jnp.tensordot(scale, x, axes=1), acc, gd)
+      return acc, (gr * scale.reshape((c,) + (1,) * (gr.ndim - 1)), norm, loss)
+
+    dense, (row_grads, norms, losses) = jax.lax.scan(body, zeros, xs)
+    row_grads = _unstrided(row_grads).reshape(b_rows, p, -1)
+    return dense, row_grads, _unstrided(norms), _unstrided(losses), valid_unit
+
+  def unit_norm(rest_params, r, b, key):
+    """(loss, squared gradient norm) of one unit."""
+    def loss_fn(rest_params, r, perturbations):
+      prm = traverse_util.unflatten_dict({**fixed, **rest_params}) if flat else params
+      logits, coll = _ghost_apply(model, model_state, prm, r, b, key, perturbations)
+      return mean_loss(logits, b), coll[ghost.INPUTS]
+    (loss, inputs), (g_rest, g_r, g_out) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(rest_params, r, zero_perturbations)
+    sq = ghost.ghost_sq_norm(inputs, g_out, flat) + sum(
+        (jnp.sum(x * x) for x in jax.tree_util.tree_leaves(g_rest)), jnp.float32(0.0))
+    return loss, sq, g_r
+
+  norm_fn = jax.vmap(unit_norm, in_axes=(None, 0, 0, 0))
+
+  def norm_body(_, xs):
+    b, r, uid, vp, key = xs
+    loss, sq, gr = norm_fn(rest, r, b, key)
+    return None, (jnp.sqrt(sq + row_sq(gr, uid, vp)), loss)
+
+  _, (norms, losses) = jax.lax.scan(norm_body, None, xs)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))  # [chunks, G/chunks]
+
+  def weighted_body(acc, xs):
+    b, r, key, s = xs
+
+    def total(prm, r):
+      return jnp.sum(s * jax.vmap(unit_loss, in_axes=(None, 0, 0, 0))(prm, r, b, key))
+
+    gd, gr = jax.grad(total, argnums=(0, 1))(params, r)
+    return jax.tree_util.tree_map(jnp.add, acc, gd), gr
+
+  dense, row_grads = jax.lax.scan(weighted_body, zeros, (xs[0], xs[1], xs[4], scale))
   row_grads = _unstrided(row_grads).reshape(b_rows, p, -1)
-  valid_unit = jnp.any(ub["weight"] > 0, axis=1)
   return dense, row_grads, _unstrided(norms), _unstrided(losses), valid_unit
 
 
-def selection_counts(ids, weight, rows_per_unit: int, selection_clip: float, uniq_inv):
-  """Noiseless DP-AdaFEST counts per unique batch row: each unit adds selection_clip /
-  sqrt(#distinct rows it touches) to each of them (its contribution vector has L2 norm
-  selection_clip)."""
+def _ghost_apply(model, model_state, params, rows, batch, key, perturbations=None):
+  batch = route_scenarios(model, {**batch, "embedding_rows": rows})
+  variables = {"params": aux_lib.model_params(params), **model_state}
+  return ghost.apply(model, variables, batch, rngs={"dropout": key},
+                     perturbations=perturbations)
+
+
+def selection_counts(ids, weight, rows_per_unit: int, selection_clip: float, segments,
+                     num_segments: int | None = None):
+  """Noiseless DP-AdaFEST counts per segment (a unique batch row, `segments` = the unique
+  map; or a table row, `segments` = ids): each unit adds selection_clip / sqrt(#distinct
+  rows it touches) to each of them (its contribution vector has L2 norm selection_clip)."""
   b_rows, p = ids.shape
   g = b_rows // rows_per_unit
   ui = ids.reshape(g, rows_per_unit * p)
@@ -476,7 +567,8 @@ def selection_counts(ids, weight, rows_per_unit: int, selection_clip: float, uni
   n = jnp.sum(first, axis=1)
   share = selection_clip / jnp.sqrt(jnp.maximum(n, 1)).astype(jnp.float32)
   contrib = jnp.where(first, share[:, None], 0.0).reshape(-1)
-  return jax.ops.segment_sum(contrib, uniq_inv.reshape(-1), num_segments=ids.size)
+  return jax.ops.segment_sum(contrib, segments.reshape(-1),
+                             num_segments=num_segments or ids.size)
 
 
 def select_rows(key, uniq, counts, plan: Plan):
@@ -494,6 +586,15 @@ def select_rows(key, uniq, counts, plan: Plan):
   fp = jax.random.bernoulli(k_fp, plan.false_positive_prob, (r,)) & ~seen
   fp_ids = jnp.nonzero(fp, size=plan.max_false_positives, fill_value=r)[0].astype(uniq.dtype)
   return touched, fp_ids
+
+
+def select_table_rows(key, counts, plan: Plan):
+  """Selected-row mask over the whole table [R] from per-row counts (0 for untouched rows):
+  the same per-row events as `select_rows`, an untouched row passing w.p.
+  plan.false_positive_prob, with no cap."""
+  noisy = counts + plan.selection_noise_multiplier * plan.selection_clip * \
+      jax.random.normal(key, counts.shape)
+  return noisy > plan.selection_threshold
 
 
 def make_private_step(model, tx, schema, embed_update: str, embed_lr: float, plan: Plan,
@@ -520,21 +621,29 @@ def make_private_step(model, tx, schema, embed_update: str, embed_lr: float, pla
     rows = table.at[ids].get(mode="fill", fill_value=0)
     dense, row_grads, norms, losses, valid = clipped_unit_grads(
         model, state.model_state, params, rows, batch, ids, rng, clip, plan.rows_per_unit,
-        plan.microbatch)
-    uniq, inv = sparse.unique_rows(ids, r)
-    summed = jax.ops.segment_sum(row_grads.reshape(-1, row_grads.shape[-1]),
-                                 inv.reshape(-1), num_segments=uniq.shape[0])
+        plan.microbatch, plan.clipping)
     k_noise, k_sel = jax.random.split(jax.random.fold_in(rng, 0xD9))
-    if plan.embed_noise == "sparse":
+    flat_grads = row_grads.reshape(-1, row_grads.shape[-1])
+    if plan.embed_noise == "dense" or plan.selection_over_table:
+      # Every table row at once: no sort; untouched rows are rows with count 0.
+      summed = jax.ops.segment_sum(flat_grads, ids.reshape(-1), num_segments=r)
+      out_ids = jnp.arange(r, dtype=ids.dtype)
+      if plan.embed_noise == "sparse":
+        counts = selection_counts(ids, batch["weight"], plan.rows_per_unit,
+                                  plan.selection_clip, ids, r)
+        chosen = select_table_rows(k_sel, counts, plan)
+        out_ids = jnp.where(chosen, out_ids, r)
+        summed = jnp.where(chosen[:, None], summed, 0.0)
+      out = summed
+    else:
+      uniq, inv = sparse.unique_rows(ids, r)
+      summed = jax.ops.segment_sum(flat_grads, inv.reshape(-1), num_segments=uniq.shape[0])
       counts = selection_counts(ids, batch["weight"], plan.rows_per_unit,
                                 plan.selection_clip, inv)
       touched, fp_ids = select_rows(k_sel, uniq, counts, plan)
       out_ids = jnp.concatenate([touched, fp_ids])
       out = jnp.concatenate([jnp.where((touched < r)[:, None], summed, 0.0),
                              jnp.zeros((fp_ids.shape[0], summed.shape[1]), summed.dtype)])
-    else:
-      out_ids = jnp.arange(r, dtype=uniq.dtype)
-      out = jnp.zeros((r, summed.shape[1]), summed.dtype).at[uniq].add(summed, mode="drop")
     k_rows, k_dense = jax.random.split(k_noise)
     out = out + std * jax.random.normal(k_rows, out.shape) * (out_ids < r)[:, None]
     out = out / plan.expected_units
@@ -552,7 +661,8 @@ def make_private_step(model, tx, schema, embed_update: str, embed_lr: float, pla
                                 opt_state=opt_state,
                                 embed={"table": new_table, "opt": embed_opt})
     else:
-      table_grad = jnp.zeros_like(table).at[out_ids].add(out, mode="drop")
+      table_grad = (out if out.shape[0] == r else
+                    jnp.zeros_like(table).at[out_ids].add(out, mode="drop"))
       full = _with_table(grads, table_grad)
       updates, opt_state = tx.update(full, state.opt_state, state.params)
       new_state = state.replace(step=state.step + 1,
