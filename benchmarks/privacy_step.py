@@ -8,6 +8,8 @@ Each model is built by `loop.build` from configs/ml1m_<model>.py (the synthetic 
 ../shared is missing) with model.batch_norm=false (BatchNorm is refused under DP) and
 privacy at epsilon 8; the jitted steps are timed alone on batches already on the device
 (compile and warm-up excluded), interleaved over --reps repetitions, median reported.
+The non-private step is the model as users train it without privacy (STAR: the grouped
+scenario matmul; DP needs model.star.scenario_matmul=dense).
 Rates are physical rows per second (a private batch's padding rows cost the same compute).
 """
 from __future__ import annotations
@@ -49,6 +51,8 @@ def build(name, size, batch_size, impl, extra, data_cache):
   if impl != "non-private":
     over += ["--config.privacy.enabled=true", "--config.privacy.epsilon=8",
              f"--config.privacy.clipping={impl}"]
+    if name == "star":  # DP needs STAR's dense scenario matmul; non-private keeps 'grouped'
+      over.append("--config.model.star.scenario_matmul=dense")
   config = load_config(cfg_path, over + extra)
   if cfg_path not in data_cache:
     data_cache[cfg_path] = prepare(config, log=lambda *_: None)

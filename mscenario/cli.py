@@ -11,6 +11,7 @@ importing ends with the preemption message and exit status 75.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -54,17 +55,28 @@ def _preempted_early(signum, frame):
                         "saving; run the same command to start (or resume)")
 
 
-def cmd_train(args, overrides):
-  # Until the trainer installs its own handler (which saves at the next step boundary), a
-  # SIGTERM ends start-up with the same message style and exit status as a preemption. While
-  # the training stack is imported it is only noted: an exception raised inside a module's
-  # initialisation (flax's class creation, jaxlib's native init) surfaces as a different
-  # error (exit 1) or aborts the process; once the imports are done it is raised at once.
+@contextlib.contextmanager
+def _sigterm_noted():
+  """While a command imports the training stack, a SIGTERM is only noted: an exception
+  raised inside a module's initialisation (flax's class creation, jaxlib's native init)
+  surfaces as a different error (exit 1) or aborts the process. Yields (noted signals,
+  whether this thread may set handlers); the previous handler is restored on exit."""
   noted = []
   main_thread = threading.current_thread() is threading.main_thread()
   previous = (signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
               if main_thread else None)
   try:
+    yield noted, main_thread
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_train(args, overrides):
+  # Until the trainer installs its own handler (which saves at the next step boundary), a
+  # SIGTERM ends start-up with the same message style and exit status as a preemption:
+  # noted while importing, raised at once after.
+  with _sigterm_noted() as (noted, main_thread):
     from mscenario.api import train
     if main_thread:
       signal.signal(signal.SIGTERM, _preempted_early)
@@ -72,9 +84,6 @@ def cmd_train(args, overrides):
       _preempted_early(signal.SIGTERM, None)
     config = _load_config(args, overrides)
     train(config, args.workdir)
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_eval(args, overrides):
@@ -194,22 +203,13 @@ def _add_update(sub) -> None:
 
 
 def cmd_update(args, overrides):
-  # Until the update takes SIGTERM over (after importing the training stack), a SIGTERM is
-  # only noted, and ends start-up the way a preemption does (exit 75): raising inside the
-  # handler could land in a native module's initialisation (importing jaxlib), which
-  # aborts the process instead of unwinding.
-  noted = []
-  main_thread = threading.current_thread() is threading.main_thread()
-  previous = (signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
-              if main_thread else None)
-  try:
+  # Until the update takes SIGTERM over (its own fit.Preemption, after the imports), a
+  # SIGTERM is only noted, and ends start-up the way a preemption does (exit 75).
+  with _sigterm_noted() as (noted, _):
     from mscenario.api import update
     update(args.workdir, args.data, overrides=overrides, epochs=args.epochs,
            holdout=args.holdout, out=args.out, buckets=args.buckets, keep=args.keep,
            stop_requested=lambda: bool(noted))
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
 
 
 def _add_encode(sub) -> None:

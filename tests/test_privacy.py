@@ -25,6 +25,7 @@ from mscenario.train import loop, privacy, sparse
 from mscenario.train.steps import _apply, make_train_step
 from tests.helpers import SYNTHETIC, tiny
 
+STAR_DP = ["--config.model.star.scenario_matmul=dense"]
 DP = ["--config.model.batch_norm=false",
       "--config.privacy.enabled=true", "--config.privacy.epsilon=4"]
 
@@ -79,7 +80,7 @@ def _without(batch, rows):
 @pytest.fixture(scope="module")
 def star_setup():
   """STAR under DP: model.batch_norm=false makes its partitioned normalisation per example."""
-  return _setup(model="star")
+  return _setup(*STAR_DP, model="star")
 
 
 @pytest.mark.parametrize("which", [
@@ -133,7 +134,8 @@ def test_star_normalises_each_example_alone(star_setup):
 
 @pytest.mark.slow  # ~90 s on 2 cores; CI covers the step (clipping bound) and the model above
 def test_star_trains_privately(tmp_path):
-  config = load_config(SYNTHETIC, [*tiny("star"), *DP, "--config.privacy.epsilon=8"])
+  config = load_config(SYNTHETIC, [*tiny("star"), *DP, *STAR_DP,
+                                   "--config.privacy.epsilon=8"])
   results = loop.train(config, str(tmp_path / "run"), log=lambda *_: None)
   assert results["privacy"]["epsilon"] == pytest.approx(8, rel=1e-3)
   assert results["overall"]["auc"] > 0.6  # learns under noise (0.64 measured; random 0.5)
@@ -244,8 +246,10 @@ def test_noise_zero_and_infinite_clip_is_the_ordinary_step():
 
 
 GHOST_CASES = [
-    ("mmoe", ()), ("star", ()), ("m2m", ()),  # stacked copies; non-linear-layer params; tokens
+    ("mmoe", ()), ("star", STAR_DP), ("m2m", ()),  # stacked copies; STAR's rule; tokens
     ("mmoe", ("--config.privacy.unit=user", "--config.privacy.max_examples_per_user=4")),
+    ("star", (*STAR_DP, "--config.privacy.unit=user",
+              "--config.privacy.max_examples_per_user=4")),
     *[pytest.param(m, (), marks=pytest.mark.slow)
       for m in ("sharedbottom", "ple", "seed", "pepnet", "adasparse", "sarnet")]]
 
@@ -386,6 +390,8 @@ def test_batchnorm_and_bad_privacy_config_are_refused():
     _setup("--config.model.batch_norm=true")
   with pytest.raises(ConfigError, match="STAR normalises each example"):
     _setup("--config.model.batch_norm=true", model="star")
+  with pytest.raises(ConfigError, match="scenario_matmul=dense"):
+    _setup(model="star")
   with pytest.raises(ConfigError, match="exactly one of privacy.epsilon"):
     _setup("--config.privacy.noise_multiplier=1.0")
   with pytest.raises(ConfigError, match="privacy.unit"):

@@ -89,24 +89,33 @@ class PartitionedNorm(nn.Module):
 
 
 class StarLayer(nn.Module):
-  """Params of one star FCN layer; returns the effective per-scenario (kernel, bias)."""
+  """Params of one star FCN layer: __call__ returns the effective per-scenario (kernel,
+  bias); `matmul` applies all of them (the dense path), a method of its own so that
+  DP-SGD's ghost norms (train/ghost.py) can see the layer's input and output."""
   num_scenarios: int
   in_dim: int
   out_dim: int
 
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, jax.Array]:
+  def setup(self):
     s = self.num_scenarios
-    kernel = self.param("kernel", nn.initializers.he_uniform(), (self.in_dim, self.out_dim),
-                        jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.out_dim,), jnp.float32)
-    scenario_kernel = self.param("scenario_kernel", nn.initializers.ones,
-                                 (s, self.in_dim, self.out_dim), jnp.float32)
+    self.kernel = self.param("kernel", nn.initializers.he_uniform(),
+                             (self.in_dim, self.out_dim), jnp.float32)
+    self.bias = self.param("bias", nn.initializers.zeros, (self.out_dim,), jnp.float32)
+    self.scenario_kernel = self.param("scenario_kernel", nn.initializers.ones,
+                                      (s, self.in_dim, self.out_dim), jnp.float32)
     # Small random scenario biases break the symmetry between scenarios at init (the
     # benchmark draws them at random too); the kernels start exactly at the shared ones.
-    scenario_bias = self.param("scenario_bias", SCENARIO_BIAS_INIT, (s, self.out_dim),
-                               jnp.float32)
-    return kernel[None] * scenario_kernel, bias[None] + scenario_bias  # [S, in, out], [S, out]
+    self.scenario_bias = self.param("scenario_bias", SCENARIO_BIAS_INIT,
+                                    (s, self.out_dim), jnp.float32)
+
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    return (self.kernel[None] * self.scenario_kernel,
+            self.bias[None] + self.scenario_bias)  # [S, in, out], [S, out]
+
+  def matmul(self, h: jax.Array, dtype) -> jax.Array:
+    """h [S, B, in] (scenario s's input on axis 0) -> [S, B, out], every scenario's layer."""
+    kernel, bias = self()
+    return jnp.einsum("sbi,sio->sbo", h, kernel.astype(dtype)) + bias[:, None, :].astype(dtype)
 
 
 @register("star")
@@ -142,14 +151,13 @@ class Star(ScenarioModel):
     dims = (*self.hidden, 1)
     layers, in_dim = [], x.shape[-1]
     for i, out_dim in enumerate(dims):
-      layers.append(StarLayer(s, in_dim, out_dim, name=f"fcn_{i}")())
+      layers.append(StarLayer(s, in_dim, out_dim, name=f"fcn_{i}"))
       in_dim = out_dim
 
-    def run(h, pick):
-      # h [G, R, in]: G groups of rows sharing one scenario; pick(W [S, ...]) -> W [G, ...].
-      for i, (kernel, bias) in enumerate(layers):
-        h = (jnp.einsum("gri,gio->gro", h, pick(kernel).astype(dt))
-             + pick(bias)[:, None, :].astype(dt))
+    def run(h, layer_fn):
+      # h [G, R, in]: G groups of rows; layer_fn(layer, h) applies one FCN layer.
+      for i, layer in enumerate(layers):
+        h = layer_fn(layer, h)
         if i < len(layers) - 1:
           h = act(h)
           if self.dropout > 0:
@@ -157,11 +165,19 @@ class Star(ScenarioModel):
       return h
 
     if self.scenario_matmul == "grouped":
+      # groups share one scenario each: pick(W [S, ...]) -> W [G, ...]
       packing = pack_by_scenario(scenario, s)
-      out = run(packing.pack(h), lambda w: jnp.take(w, packing.chunk_scenario, axis=0))
-      main = packing.unpack(out)[:, 0]
+      pick = lambda w: jnp.take(w, packing.chunk_scenario, axis=0)  # noqa: E731
+
+      def grouped(layer, h):
+        kernel, bias = layer()
+        return (jnp.einsum("gri,gio->gro", h, pick(kernel).astype(dt))
+                + pick(bias)[:, None, :].astype(dt))
+
+      main = packing.unpack(run(packing.pack(h), grouped))[:, 0]
     else:
-      out = run(jnp.broadcast_to(h, (s,) + h.shape), lambda w: w)  # [S, B, 1]
+      out = run(jnp.broadcast_to(h, (s,) + h.shape),
+                lambda layer, h: layer.matmul(h, dt))  # [S, B, 1]
       main = jnp.take_along_axis(out[..., 0].T, scenario[:, None], axis=1)[:, 0]
 
     context = self.param("scenario_context", SCENARIO_INIT, (s, self.embed_dim), jnp.float32)

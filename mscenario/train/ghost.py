@@ -24,25 +24,35 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from mscenario.models.layers import StackedDense
+from mscenario.models.star import StarLayer
 
 INPUTS = "ghost_inputs"
 OUTPUTS = "ghost_outputs"
 
 
+def _kind(module, method: str, args, kwargs) -> str | None:
+  """The ghost rule of a call: 'dense' (nn.Dense), 'copies0' / 'copies1' (StackedDense, the
+  copy axis), 'star' (StarLayer.matmul, shared (x) scenario kernels); None = not covered."""
+  if method == "__call__" and isinstance(module, nn.Dense):
+    return "dense"
+  if method == "__call__" and isinstance(module, StackedDense):
+    return f"copies{args[1] if len(args) > 1 else kwargs.get('copy_axis', 0)}"
+  if method == "matmul" and isinstance(module, StarLayer):
+    return "star"
+  return None
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != "__call__" or not isinstance(module, (nn.Dense, StackedDense)):
+  kind = _kind(module, context.method_name, args, kwargs)
+  if kind is None or module.scope is None or not module.is_mutable_collection(INPUTS):
     return next_fun(*args, **kwargs)
-  if module.scope is None or not module.is_mutable_collection(INPUTS):
-    return next_fun(*args, **kwargs)
-  x = args[0]
   y = next_fun(*args, **kwargs)
-  calls = (len(module.scope.get_variable(INPUTS, "x"))
-           if module.scope.has_variable(INPUTS, "x") else 0)
-  copy_axis = (args[1] if len(args) > 1 else kwargs.get("copy_axis", 0)) \
-      if isinstance(module, StackedDense) else -1
-  module.sow(INPUTS, "x", (x, copy_axis))
-  return module.perturb(f"y{calls}", y, collection=OUTPUTS)
+  name = f"x_{kind}"
+  calls = len(module.scope.get_variable(INPUTS, name)) if module.scope.has_variable(
+      INPUTS, name) else 0
+  module.sow(INPUTS, name, args[0])
+  return module.perturb(f"y_{kind}{calls}", y, collection=OUTPUTS)
 
 
 def apply(model, variables, batch, *, rngs, perturbations=None):
@@ -57,14 +67,15 @@ def apply(model, variables, batch, *, rngs, perturbations=None):
   return logits, coll
 
 
+PARAMS = {"star": ("kernel", "bias", "scenario_kernel", "scenario_bias")}
+
+
 def covered_params(inputs_tree) -> set:
-  """Flat param paths ((..., 'kernel'), (..., 'bias')) whose norms come from ghost norms:
-  those of every recorded layer."""
+  """Flat param paths whose norms come from ghost norms: those of every recorded layer."""
   out = set()
   for path in traverse_util.flatten_dict(inputs_tree):
-    module = path[:-1]  # (..., 'x')
-    out.add(module + ("kernel",))
-    out.add(module + ("bias",))
+    kind = path[-1][len("x_"):]
+    out.update(path[:-1] + (name,) for name in PARAMS.get(kind, ("kernel", "bias")))
   return out
 
 
@@ -80,13 +91,14 @@ def _gram_sq(x, g):
   return kernel, jnp.sum(s * s)
 
 
-def _as_tokens(x, g, copy_axis: int):
+def _as_tokens(x, g, kind: str):
   """One call's unit input/output gradient as tokens: nn.Dense -> x [T, I], g [T, O];
-  StackedDense -> x [n, T, I], g [n, T, O] (copies first; a shared input x [T, I] is the
-  same for every copy)."""
+  StackedDense and StarLayer -> x [n, T, I], g [n, T, O] (copies / scenarios first; a
+  shared input x [T, I] is the same for every copy)."""
   x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-  if copy_axis < 0:
+  if kind == "dense":
     return x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  copy_axis = 0 if kind == "star" else int(kind[len("copies"):])
   axis = copy_axis if x.ndim > 2 else 1  # a shared input [T, I] gives [T, n, O]
   g = jnp.moveaxis(g, axis, 0)
   n = g.shape[0]
@@ -98,19 +110,46 @@ def _as_tokens(x, g, copy_axis: int):
   return x, g
 
 
+def _star_sq(x, g, kernel, scenario_kernel):
+  """Squared norms of one unit's gradients of STAR's W (used as W * W_s by every scenario
+  s), of W_s, b and b_s, from x [S, T, I], g [S, T, O]. With one row (T = 1) the kernel
+  parts are bilinear forms, sum_{s,s'} (x_s*x_s')^T (W_s*W_s') (g_s*g_s') and
+  sum_s (x_s^2)^T (W^2) (g_s^2), never an [I, O] matrix per unit; with several rows the
+  per-scenario sums M_s = sum_t x_st (x) g_st are formed (the unit's rows may have different
+  scenarios)."""
+  if x.shape[1] == 1:
+    x1, g1 = x[:, 0], g[:, 0]
+    pair_x = x1[:, None] * x1[None]                           # [S, S, I]
+    pair_g = g1[:, None] * g1[None]                           # [S, S, O]
+    pair_w = scenario_kernel[:, None] * scenario_kernel[None]  # [S, S, I, O]
+    shared = jnp.einsum("abi,abio,abo->", pair_x, pair_w, pair_g)
+    own = jnp.einsum("si,io,so->", x1 * x1, kernel * kernel, g1 * g1)
+  else:
+    m = jnp.einsum("sti,sto->sio", x, g)
+    shared = jnp.sum(jnp.sum(scenario_kernel * m, axis=0) ** 2)
+    own = jnp.sum((kernel[None] * m) ** 2)
+  per_scenario_bias = jnp.sum(g, axis=1)                      # [S, O]
+  return (shared + own + jnp.sum(jnp.sum(per_scenario_bias, axis=0) ** 2)
+          + jnp.sum(per_scenario_bias ** 2))
+
+
 def ghost_sq_norm(inputs_tree, output_grads, params_flat) -> jax.Array:
-  """One unit's squared gradient norm over the kernels and biases of every recorded layer.
-  Calls of one layer share its params: their tokens are concatenated, so the norm is that of
-  the summed gradient."""
+  """One unit's squared gradient norm over the params of every recorded layer. Calls of one
+  layer share its params: their tokens are concatenated, so the norm is that of the summed
+  gradient."""
   total = jnp.float32(0.0)
   grads_flat = traverse_util.flatten_dict(output_grads)
   for path, calls in traverse_util.flatten_dict(inputs_tree).items():
-    module = path[:-1]
-    has_bias = module + ("bias",) in params_flat
-    pairs = [_as_tokens(x, grads_flat[module + (f"y{i}",)], axis)
-             for i, (x, axis) in enumerate(calls)]
+    module, kind = path[:-1], path[-1][len("x_"):]
+    pairs = [_as_tokens(x, grads_flat[module + (f"y_{kind}{i}",)], kind)
+             for i, x in enumerate(calls)]
     x = jnp.concatenate([a for a, _ in pairs], axis=-2)
     g = jnp.concatenate([b for _, b in pairs], axis=-2)
+    if kind == "star":
+      total = total + _star_sq(x, g, params_flat[module + ("kernel",)],
+                               params_flat[module + ("scenario_kernel",)])
+      continue
+    has_bias = module + ("bias",) in params_flat
     if x.ndim == 2:
       k, b = _gram_sq(x, g)
     else:

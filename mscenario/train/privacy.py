@@ -8,11 +8,14 @@ The mechanism, step by step (one step = one Poisson-sampled batch):
     which is the same distribution (Lemma 1 of arXiv:2406.17298; jax-privacy's
     CyclicPoissonSampling draws it the same way), padded to the fixed physical batch with
     weight-0 rows. A draw above the physical batch is truncated (accounted below).
-  * Gradients: per-unit gradients by `jax.vmap` over units, with respect to the dense
-    parameters and to the unit's own gathered embedding rows (no per-example table
-    gradient is ever materialised). A unit's norm counts each table row once (duplicate ids
-    of a unit are summed first), is clipped to `clip_norm` jointly over dense parameters and
-    rows, and the clipped sum gets N(0, (noise_multiplier * clip_norm)^2) noise.
+  * Gradients: each unit's gradient with respect to the dense parameters and to its own
+    gathered embedding rows (no per-example table gradient is ever materialised). Its norm
+    counts each table row once (duplicate ids of a unit are summed first); it is clipped to
+    `clip_norm` jointly over dense parameters and rows, and the clipped sum gets
+    N(0, (noise_multiplier * clip_norm)^2) noise. privacy.clipping='ghost' (default) takes
+    the norms from the linear layers' inputs and output gradients (train/ghost.py) and the
+    clipped sum from one gradient of the clip-weighted loss; 'vmap' materialises every
+    unit's gradient (the reference the ghost path is tested against).
   * Embedding rows, DP-AdaFEST (Ghazi et al., "Sparsity-Preserving Differentially Private
     Training of Large Embedding Models", NeurIPS 2023): every unit contributes a vector over
     table rows, 1 on each row it touches, scaled to L2 norm `selection_clip`; the summed
@@ -208,7 +211,8 @@ def check_model(model_state, config) -> None:
                   for path, _ in jax.tree_util.tree_leaves_with_path(model_state["batch_stats"])})
   fix = ("set --config.model.batch_norm=false (the MLPs then have no BatchNorm, and STAR "
          "normalises each example over its own features with the same shared x "
-         "scenario-specific scale and bias)" if config.model.batch_norm else
+         "scenario-specific scale and bias; STAR also needs "
+         "--config.model.star.scenario_matmul=dense)" if config.model.batch_norm else
          "this model keeps them even with model.batch_norm=false: use a model without them, "
          "e.g. sharedbottom, mmoe, ple or star with --config.model.batch_norm=false")
   raise ConfigError(
@@ -224,6 +228,11 @@ def make_plan(config, data, model_state=None) -> Plan:
   check_config(p)
   if model_state is not None:
     check_model(model_state, config)
+  if config.model.name == "star" and config.model.star.scenario_matmul != "dense":
+    raise ConfigError(
+        "privacy.enabled with model 'star': set --config.model.star.scenario_matmul=dense "
+        "(the same logits; 'grouped' packs a batch's rows by scenario, which per-example "
+        "gradients cannot use, and the ghost norms read each layer on every scenario)")
   if tc.grad_clip_norm > 0:
     raise ConfigError(f"train.grad_clip_norm={tc.grad_clip_norm} with privacy.enabled: "
                       "privacy.clip_norm is the per-example clip; set train.grad_clip_norm=0")
