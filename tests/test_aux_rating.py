@@ -213,6 +213,12 @@ def test_update_continues_an_aux_run_on_new_events(tmp_path):
                 "--config.train.batch_size=256", "--config.train.eval_batch_size=1024")
   workdir = str(tmp_path / "run")
   loop.train(cfg, workdir, log=QUIET)
+  # metrics.jsonl logs the aux objective's parts next to the total loss.
+  records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+  steps = [r for r in records if "grad_norm" in r]
+  assert steps and all({"aux_loss", "bce"} <= set(r) for r in steps)
+  for r in steps:
+    assert r["loss"] == pytest.approx(r["bce"] + 0.5 * r["aux_loss"], rel=1e-5)
   _write_ratings(tmp_path / "new.csv", n=600, seed=1)
   table = update_lib.read_events(cfg, str(tmp_path / "new.csv"))
   rec = update_lib.update_table(workdir, table, log=QUIET)

@@ -369,9 +369,13 @@ class _Pending:
     # [steps] (one run) or [steps, replicas] (a vectorised sweep)
     loss = np.concatenate([_steps(m["loss"]) for m in got]).astype(np.float64)
     gnorm = np.concatenate([_steps(m["grad_norm"]) for m in got]).astype(np.float64)
+    # Per-step parts of the loss a step reports besides (e.g. train.aux_rating's 'bce' and
+    # 'aux_loss'), logged next to it.
+    parts = {k: np.concatenate([_steps(m[k]) for m in got]).astype(np.float64)
+             for k in sorted(got[0]) if k not in ("loss", "grad_norm")}
     first = self.first_step
     self.metrics, self.first_step = [], None
-    return first, loss, gnorm
+    return first, loss, gnorm, parts
 
 
 def fit(setup, state, progress: dict, source, *, epochs: int, ckpts, logger, meta,
@@ -426,17 +430,19 @@ def _fit(setup, state, progress, source, preemption, *, epochs, ckpts, logger, m
         logged = (step // log_every) > ((step - n) // log_every)
         if not (logged or last or save or stop or preempted):
           continue
-        first, losses, gnorms = pending.fetch()
+        first, losses, gnorms, parts = pending.fetch()
         check_finite(losses, gnorms, step, epoch, ckpts)
         loss_sum, loss_n = loss_sum + losses.sum(axis=0), loss_n + len(losses)
         elapsed = time.perf_counter() - t_last
         eps = n_last / max(elapsed, 1e-9)
         t_last, n_last = time.perf_counter(), 0
         for i, s in enumerate(range(first, step + 1)):
-          since_record.append(losses[i])
+          since_record.append((losses[i], {k: v[i] for k, v in parts.items()}))
           if s % log_every == 0 or (last and s == step):
             record = {"step": s, "epoch": epoch,
-                      "loss": _number(np.mean(since_record, axis=0)),
+                      "loss": _number(np.mean([x for x, _ in since_record], axis=0)),
+                      **{k: _number(np.mean([p[k] for _, p in since_record], axis=0))
+                         for k in parts},
                       "grad_norm": _number(gnorms[i]), "examples_per_sec": eps, **extra}
             since_record = []
             logger.write(record)
