@@ -198,6 +198,8 @@ def test_predict_metadata_health_and_bad_input(model_copy, reference):
     assert set(health["queues"]) == {"predict", "explain"}
     meta = c.get("/v1/metadata").json()
     assert meta["model"] == "star" and meta["version"] == "v0001"
+    assert set(meta["queues"]) == {"predict", "explain"}
+    assert meta["queues"]["predict"]["batches"] == meta["batches"]
     assert meta["scenarios"] == ["s0", "s1", "s2"]
     assert "item_id" in [f["name"] for f in meta["features"]]
     # single and batch forms give the training run's numbers, in item order

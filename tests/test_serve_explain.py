@@ -116,6 +116,9 @@ def test_service_equals_explain_command_and_is_complete(exported, client):
   pred = client.post("/v1/predict", json=reqs[0]).json()["probabilities"][0]
   assert abs(pred - 1 / (1 + np.exp(-logit[0]))) < 1e-5
   assert abs(items[0]["probability"] - pred) < 1e-5
+  # /v1/metadata counts the explanation queue's work apart from scoring's.
+  queues = client.get("/v1/metadata").json()["queues"]
+  assert queues["explain"]["rows"] >= len(reqs) and queues["predict"]["rows"] >= 1
 
 
 def test_many_items_run_in_chunks(exported, client):

@@ -152,8 +152,10 @@ def create_app(model_dir: str, *, token: str | None = None, max_batch_wait_ms: f
       return unauthorised()
     meta = predictor.current.metadata()
     meta["uptime_s"] = round(time.time() - started, 3)
+    # Top-level counters are the predict queue's (as before); `queues` has both queues.
     meta["batches"], meta["rows"] = batcher.batches, batcher.rows
     meta["restarts"], meta["timeouts"] = batcher.restarts, batcher.timeouts
+    meta["queues"] = {"predict": batcher.stats(), "explain": explainer.stats()}
     return JSONResponse(meta)
 
   async def openapi(request: Request) -> JSONResponse:
