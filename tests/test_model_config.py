@@ -16,6 +16,7 @@ import mscenario as ms
 from mscenario import config as config_lib
 from mscenario.errors import ConfigError
 from mscenario.models import available_models, build_model
+from mscenario.models import registry
 from mscenario.models.registry import model_fields
 from mscenario.train.loop import check_resumable
 from mscenario.train.workdir import WorkDir
@@ -72,6 +73,10 @@ def test_every_subtree_key_is_a_field_of_its_module():
     own = set(model_fields(name)) - set(config_lib.SHARED_MODEL_KEYS)
     assert set(keys) <= own, name
     assert own - set(keys) <= {"hidden"}, name
+    # A model built in Python without a config gets the shipped sizes too.
+    defaults = {f.name: f.default for f in dataclasses.fields(registry._MODELS[name])}
+    for key, value in keys.items():
+      assert defaults[key] == value or tuple(defaults[key]) == tuple(value), (name, key)
 
 
 @pytest.mark.parametrize("name,field,value", [

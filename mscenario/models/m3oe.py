@@ -55,6 +55,7 @@ class M3oE(ScenarioModel):
   """STAR layer hidden[0] + LNMLP(hidden[1:]), `num_experts` shared and one domain expert
   per scenario LNMLP(`expert_hidden`), per-scenario gates and towers (width = last expert
   width, as in the reference)."""
+  hidden: Sequence[int] = (128, 64)
   num_experts: int = 4
   expert_hidden: Sequence[int] = (64, 32)
   balance_init: float = 1.0   # initial logit of the domain-balance and domain-expert weights

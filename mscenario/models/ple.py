@@ -77,8 +77,8 @@ class PLE(ScenarioModel):
   ple_layers: int = 1
   shared_experts: int = 2
   specific_experts: int = 1
-  expert_hidden: Sequence[int] = (256,)
-  tower_hidden: Sequence[int] = (64,)
+  expert_hidden: Sequence[int] = (192,)
+  tower_hidden: Sequence[int] = (32,)
 
   @nn.compact
   def __call__(self, batch: dict, train: bool = False) -> jax.Array:

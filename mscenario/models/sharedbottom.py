@@ -21,7 +21,8 @@ class SharedBottom(ScenarioModel):
   ever affect its own scenario's predictions. The towers all read the bottom's output, so
   their first layers are one wide matmul (StackedMLP; params as S vmapped copies).
   """
-  tower_hidden: Sequence[int] = (64,)
+  hidden: Sequence[int] = (256,)
+  tower_hidden: Sequence[int] = (32,)
 
   @nn.compact
   def __call__(self, batch: dict, train: bool = False) -> jax.Array:
