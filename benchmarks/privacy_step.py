@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 
@@ -33,7 +32,7 @@ from mscenario.data.prepare import prepare  # noqa: E402
 from mscenario.parallel import mesh as mesh_lib  # noqa: E402
 from mscenario.train import loop, privacy  # noqa: E402
 
-from benchmarks.model_speed import ML1M, REF_SIZES  # noqa: E402
+from benchmarks.model_speed import ML1M, REF_SIZES, time_steps  # noqa: E402
 
 IMPLS = ("non-private", "vmap", "ghost")
 
@@ -69,14 +68,6 @@ def build(name, size, batch_size, impl, extra, data_cache):
   return setup.train_step, setup.create_state(), batches
 
 
-def timed(step, state, batches, steps):
-  t0 = time.perf_counter()
-  for b in itertools.islice(itertools.cycle(batches), steps):
-    state, m = step(state, b)
-  jax.block_until_ready((state, m))
-  return state, time.perf_counter() - t0
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="mmoe,star")
@@ -97,10 +88,10 @@ def main():
                for k in a.impls.split(",")}
       states, rates = {}, {k: [] for k in impls}
       for k, (step, state, batches) in impls.items():
-        states[k], _ = timed(step, state, batches, 1)  # compile + warm-up
+        states[k], _ = time_steps(step, state, batches, 1)  # compile + warm-up
       for _ in range(a.reps):
         for k, (step, _, batches) in impls.items():
-          states[k], dt = timed(step, states[k], batches, a.steps)
+          states[k], dt = time_steps(step, states[k], batches, a.steps)
           rates[k].append(a.steps * a.batch_size / dt)
       row = {"model": name, "size": size, "batch_size": a.batch_size,
              **{k: statistics.median(v) for k, v in rates.items()}}

@@ -280,7 +280,8 @@ def make_plan(config, data, model_state=None) -> Plan:
               embed_noise=p.embed_noise, selection_noise_multiplier=sigma_1,
               selection_clip=float(p.selection_clip), selection_threshold=threshold,
               false_positive_prob=fp_prob, max_false_positives=cap, table_rows=table_rows,
-              selection_over_table=over_table, delta=delta, target_epsilon=float(p.epsilon), microbatch=int(p.microbatch),
+              selection_over_table=over_table, delta=delta,
+              target_epsilon=float(p.epsilon), microbatch=int(p.microbatch),
               clipping=p.clipping)
   eps = spent_epsilon(plan, steps)
   slack = (1 + math.exp(min(eps, 700.0))) * plan.truncation_prob(steps)
